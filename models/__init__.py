@@ -1,0 +1,13 @@
+"""AnlightenDiff models: networks, anchored diffusion, samplers, the LightningModule, checkpoints."""
+
+from models.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, resolve_checkpoint
+from models.module import AnlightenDiff, build_networks
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "AnlightenDiff",
+    "CheckpointError",
+    "build_networks",
+    "load_checkpoint",
+    "resolve_checkpoint",
+]

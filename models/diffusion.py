@@ -1,0 +1,90 @@
+"""Anchored Gaussian diffusion in the residual domain: DRDA forward process, DRDS posterior."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.schedule import beta_schedule, extract, schedule_buffers
+from models.unet import NoiseUNet
+
+
+def to_signed(img: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]: the anchor c' = 2c - 1 used in every anchoring term."""
+    return img * 2 - 1
+
+
+class GaussianDiffusion(nn.Module):
+    """Owns the noise predictor (``unet``) and the schedule buffers; implements the process maths.
+
+    Tensors are (B, 3, H, W): ``x_start``/``x_t`` residuals in [-1, 1] (see :meth:`img2res`), ``center``
+    the anchor image in about [0, 1], ``t`` (B,) long timesteps in [0, T).
+    """
+
+    def __init__(self, unet: NoiseUNet, *, timesteps: int = 100, beta_schedule_name: str = "cosine",
+                 use_center: bool = True, use_center_sampler: bool = True, clip_denoised: bool = True):
+        super().__init__()
+        self.unet = unet
+        self.num_timesteps = timesteps
+        self.use_center = use_center
+        self.use_center_sampler = use_center_sampler
+        self.clip_denoised = clip_denoised
+        for name, value in schedule_buffers(beta_schedule(beta_schedule_name, timesteps)).items():
+            self.register_buffer(name, value.to(torch.float32))
+
+    @staticmethod
+    def img2res(img_hr: torch.Tensor, img_lr: torch.Tensor) -> torch.Tensor:
+        """x0 = 2 (hr - lr) - 1: the enhancement residual, in [-1, 1] where hr >= lr."""
+        return 2 * (img_hr - img_lr) - 1
+
+    @staticmethod
+    def res2img(res: torch.Tensor, img_lr: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`img2res` (residual clamped to [-1, 1], image to [0, 1])."""
+        return (img_lr + (res.clamp(-1, 1) + 1) / 2).clamp(0, 1)
+
+    def drda_noise(self, noise: torch.Tensor, t: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        """eps* = eps + k1_t c' (Eq. 13), the noise the UNet learns to predict. ``noise`` is not modified."""
+        if not self.use_center:
+            return noise
+        return noise + extract(self.extra_term_coef1, t, noise.shape) * to_signed(center)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, center: torch.Tensor,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """DRDA forward process (Eq. 12): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) (eps + k1_t c').
+
+        ``noise`` is eps ~ N(0, I) (drawn if None) and is left unchanged.
+        """
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return (extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * self.drda_noise(noise, t, center))
+
+    def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, center: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DRDS posterior q(x_{t-1} | x_t, x0) (Eqs. 17-19): (mean, variance, clipped log variance).
+
+        mean = coef1_t x0 + coef2_t x_t + k2_t c'.
+        """
+        mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
+                + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        if self.use_center_sampler:
+            mean = mean + extract(self.extra_term_coef2, t, x_t.shape) * to_signed(center)
+        variance = extract(self.posterior_variance, t, x_t.shape)
+        log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        return mean, variance, log_variance
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0_hat = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps*_hat (unclipped)."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    def predict_start(self, x_t: torch.Tensor, t: torch.Tensor, img_lr: torch.Tensor,
+                      feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the UNet: (eps*_hat, x0_hat), x0_hat clipped to [-1, 1] when ``clip_denoised``."""
+        eps_hat = self.unet(x_t, t, img_lr, feats)
+        x0_hat = self.predict_start_from_noise(x_t, t, eps_hat)
+        return eps_hat, x0_hat.clamp(-1, 1) if self.clip_denoised else x0_hat
+
+    def anchor_shift(self, center: torch.Tensor) -> torch.Tensor:
+        """The offset c' between x and the shifted coordinates z = x - c' in which DRDA/DRDS are plain DDPM
+        (zero when DRDA is off). It is also x_T, where sampling starts (the mean of x_T under DRDA)."""
+        return to_signed(center) if self.use_center else torch.zeros_like(center)

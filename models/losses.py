@@ -1,0 +1,67 @@
+"""Training losses: noise-space L1/L2 and the Diffusion Feature Perceptual Loss (DFPL, Eq. 21)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from models.diffusion import GaussianDiffusion
+from utils.lpips import build_lpips
+
+ImageLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LPIPSLoss:
+    """LPIPS between (B, 3, H, W) images in [0, 1] (scaled to [-1, 1] inside), batch mean.
+
+    Deliberately not an ``nn.Module``: the frozen network follows the inputs' device but stays out of
+    the model's state dict and checkpoints.
+    """
+
+    def __init__(self, net: str):
+        self.network = build_lpips(net)
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.network.to(pred.device)(pred, target, normalize=True).mean()
+
+
+def build_image_loss(name: str) -> ImageLoss:
+    """Image-space loss on (B, 3, H, W) images in [0, 1] by name: lpips_vgg, lpips_alex, l1, l2."""
+    if name in ("lpips_vgg", "lpips_alex"):
+        return LPIPSLoss(name.removeprefix("lpips_"))
+    if name == "l1":
+        return F.l1_loss
+    if name == "l2":
+        return F.mse_loss
+    raise ValueError(f"unknown DFPL image loss '{name}'; valid: lpips_vgg, lpips_alex, l1, l2")
+
+
+def noise_loss(loss_type: str, eps_hat: torch.Tensor, eps_star: torch.Tensor) -> torch.Tensor:
+    """Noise-space loss between the predicted and the true DRDA-shifted noise eps*."""
+    if loss_type == "l2":
+        return F.mse_loss(eps_hat, eps_star)
+    if loss_type == "l1":
+        return F.smooth_l1_loss(eps_hat, eps_star)
+    raise ValueError(f"unknown noise loss '{loss_type}'; valid: l1, l2")
+
+
+def dfpl_loss(
+    diffusion: GaussianDiffusion,
+    image_loss: ImageLoss,
+    x_start: torch.Tensor,
+    t: torch.Tensor,
+    center: torch.Tensor,
+    img_lr: torch.Tensor,
+    eps_hat: torch.Tensor,
+    eps_star: torch.Tensor,
+) -> torch.Tensor:
+    """DFPL (Eq. 21): an image loss between x_t rebuilt from the predicted and from the true noise.
+
+    As in the reference, both sides go through ``q_sample`` once more, so each carries one extra
+    k1_t c' shift; the two images differ only through eps_hat - eps*, as the paper's equation says.
+    """
+    x_t_pred = diffusion.q_sample(x_start, t, center, noise=eps_hat)
+    x_t_true = diffusion.q_sample(x_start, t, center, noise=eps_star)
+    return image_loss(diffusion.res2img(x_t_pred, img_lr), diffusion.res2img(x_t_true, img_lr))

@@ -1,0 +1,143 @@
+"""The LightningModule: optimisation, logging, validation and test around the anchored diffusion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lion_pytorch import Lion
+from torch.optim import AdamW
+from torch.optim.lr_scheduler import CosineAnnealingLR, ReduceLROnPlateau
+from torchvision.utils import make_grid
+
+from models.anchor import AnchorEncoder
+from models.diffusion import GaussianDiffusion
+from models.inference import Enhanced, enhance
+from models.losses import build_image_loss, dfpl_loss, noise_loss
+from models.unet import NoiseUNet
+from utils.config import Config, SamplerConfig, config_from_dict
+from utils.lpips import build_lpips, lpips_available
+from utils.metrics import combined_score, image_metrics, to_uint8
+
+
+def build_networks(config: Config) -> tuple[AnchorEncoder, GaussianDiffusion]:
+    """The anchor encoder and the diffusion (with its UNet) described by ``config``."""
+    m, d = config.model, config.diffusion
+    shared = dict(dim=m.unet_dim, dim_mults=m.dim_mults, use_instance_norm=m.use_instance_norm,
+                  weight_init=m.weight_init)
+    unet = NoiseUNet(in_dim=m.in_dim, out_dim=m.unet_outdim, stronger_cond=m.stronger_cond,
+                     use_wn=m.use_wn, **shared)
+    encoder = AnchorEncoder(in_dim=m.cond_in_dim, out_dim=m.unet_outdim, on_res=m.cond_on_res,
+                            use_wn=m.cond_use_wn, **shared)
+    diffusion = GaussianDiffusion(unet, timesteps=d.timesteps, beta_schedule_name=d.beta_schedule,
+                                  use_center=d.use_center, use_center_sampler=d.use_center_sampler,
+                                  clip_denoised=d.clip_denoised)
+    return encoder, diffusion
+
+
+class AnlightenDiff(pl.LightningModule):
+    """``model`` is the GaussianDiffusion (its UNet is ``model.unet``), ``encoder`` the anchor encoder;
+    the prefixes match the official checkpoint. Batches are dicts {"low", "high", "name"}."""
+
+    def __init__(self, config: Config | dict[str, Any]):
+        super().__init__()
+        self.config = config if isinstance(config, Config) else config_from_dict(config)
+        self.save_hyperparameters({"config": self.config.to_dict()})
+        self.encoder, self.model = build_networks(self.config)
+        self._image_loss = None
+        self._lpips_alex = None
+
+    # ----------------------------------------------------------------- inference
+    def anchor(self, img_lr: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, 3, H, W) in [0, 1] -> (anchor phi (B, 3, H, W), encoder feature maps)."""
+        return self.encoder(img_lr)
+
+    def enhance(self, img_lr: torch.Tensor, sampler: SamplerConfig | None = None, **kwargs: Any) -> Enhanced:
+        """Enhance (B, 3, H, W) images in [0, 1] with a sampler config (default: ``config.sampler``)."""
+        sampler = sampler or self.config.sampler
+        stochastic = sampler.sampler == "ddpm" or sampler.eta > 0
+        generator = None
+        if stochastic and sampler.seed is not None:
+            generator = torch.Generator(device=img_lr.device).manual_seed(sampler.seed)
+        return enhance(self.encoder, self.model, img_lr, sampler=sampler.sampler, steps=sampler.steps,
+                       eta=sampler.eta, pad_multiple=self.config.diffusion.pad_multiple, generator=generator,
+                       **kwargs)
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        img_lr, img_hr = batch["low"], batch["high"]
+        optim, diffusion = self.config.optim, self.model
+        with torch.set_grad_enabled(optim.train_encoder):
+            center, feats = self.encoder(img_lr)
+        if torch.rand((), device=self.device) < optim.ref_prob:
+            center = img_hr  # teacher forcing: the ground truth as anchor ("ref")
+        x_start = diffusion.img2res(img_hr, img_lr)
+        t = torch.randint(0, diffusion.num_timesteps, (img_lr.shape[0],), device=self.device)
+        eps = torch.randn_like(x_start)
+        x_t = diffusion.q_sample(x_start, t, center, noise=eps)
+        eps_hat = diffusion.unet(x_t, t, img_lr, feats)
+        eps_star = diffusion.drda_noise(eps, t, center)
+        if optim.loss_type == "dfpl":
+            if self._image_loss is None:
+                self._image_loss = build_image_loss(optim.dfpl_image_loss)
+            loss = dfpl_loss(diffusion, self._image_loss, x_start, t, center, img_lr, eps_hat, eps_star)
+        else:
+            loss = noise_loss(optim.loss_type, eps_hat, eps_star)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=img_lr.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optim = self.config.optim
+        params = list(self.model.parameters())
+        if optim.train_encoder:
+            params += list(self.encoder.parameters())
+        if optim.optimizer == "lion":
+            optimizer = Lion(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        else:
+            optimizer = AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        if optim.scheduler is None:
+            return optimizer
+        if optim.scheduler == "cosine":
+            total = self.trainer.estimated_stepping_batches
+            scheduler = CosineAnnealingLR(optimizer, T_max=max(1, int(total)), eta_min=optim.min_lr)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = ReduceLROnPlateau(optimizer, mode=self.config.trainer.monitor_mode, min_lr=optim.min_lr,
+                                      factor=optim.scheduler_factor, patience=optim.scheduler_patience)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": self.config.trainer.monitor}}
+
+    # ----------------------------------------------------------------- evaluation
+    def _lpips_model(self) -> torch.nn.Module | None:
+        if self._lpips_alex is None and lpips_available("alex"):
+            self._lpips_alex = build_lpips("alex")
+        return self._lpips_alex.to(self.device) if self._lpips_alex is not None else None
+
+    def _evaluate(self, batch: dict[str, Any], stage: str, batch_idx: int) -> None:
+        result = self.enhance(batch["low"], self.config.val_sampler if stage == "val" else self.config.sampler)
+        lpips_model = self._lpips_model()
+        for out, gt in zip(result.image, batch["high"]):
+            scores = image_metrics(to_uint8(out), to_uint8(gt), lpips_model=lpips_model)
+            logged = {k: v for k, v in scores.items() if v is not None}
+            if scores.get("lpips") is not None:
+                logged["combined"] = combined_score(scores["psnr"], scores["ssim"], scores["lpips"])
+            self.log_dict({f"{stage}/{k}": float(v) for k, v in logged.items()}, on_epoch=True,
+                          sync_dist=True, batch_size=1)
+        if batch_idx == 0 and stage == "val":
+            self._log_grid(batch, result)
+
+    def _log_grid(self, batch: dict[str, Any], result: Enhanced) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        rows = [batch["low"][0], result.anchor[0], result.image[0], batch["high"][0]]
+        grid = make_grid([r.clamp(0, 1).cpu() for r in rows], nrow=4, padding=2)
+        experiment.add_image("val/low|anchor|enhanced|gt", grid, self.global_step)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val", batch_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test", batch_idx)

@@ -1,0 +1,92 @@
+"""Samplers for the anchored reverse process, diffusers-style: ``set_timesteps`` then ``step``.
+
+The caller owns the loop (see :func:`models.inference.sample`): it runs the UNet to get x0_hat at each
+timestep and asks the sampler for x at the next one.
+
+DRDA/DRDS are ordinary DDPM in shifted coordinates z = x - c': z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps,
+and the DRDS posterior is the DDPM posterior in z. So DDIM over any subsequence of timesteps is exact here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.diffusion import GaussianDiffusion
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+class DDPMSampler:
+    """The paper's sampler (DRDS): every timestep, x_{t-1} = posterior mean + [t > 0] sigma_t z."""
+
+    def __init__(self, diffusion: GaussianDiffusion):
+        self.diffusion = diffusion
+        self.timesteps = list(range(diffusion.num_timesteps - 1, -1, -1))
+
+    def set_timesteps(self, steps: int) -> None:
+        if steps != self.diffusion.num_timesteps:
+            raise ValueError(f"ddpm visits all {self.diffusion.num_timesteps} timesteps; use ddim for {steps}")
+
+    def step(self, x0_hat: torch.Tensor, t: int, x_t: torch.Tensor, center: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_t (B, 3, H, W) at timestep t -> x_{t-1}, given the (clipped) prediction x0_hat."""
+        t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        mean, _, log_variance = self.diffusion.q_posterior(x0_hat, x_t, t_batch, center)
+        if t == 0:
+            return mean
+        return mean + (0.5 * log_variance).exp() * _noise_like(x_t, generator)
+
+
+class DDIMSampler:
+    """DDIM in the anchor-shifted coordinates over ``steps`` evenly spaced timesteps.
+
+    ``eta = 0`` is deterministic; ``eta = 1`` over all timesteps is the DDPM/DRDS posterior exactly.
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, eta: float = 0.0):
+        self.diffusion = diffusion
+        self.eta = eta
+        self.set_timesteps(diffusion.num_timesteps)
+
+    def set_timesteps(self, steps: int) -> None:
+        total = self.diffusion.num_timesteps
+        if not 1 <= steps <= total:
+            raise ValueError(f"steps must be in [1, {total}], got {steps}")
+        if steps == 1:
+            self.timesteps = [total - 1]
+        else:
+            self.timesteps = torch.linspace(total - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        self._previous = dict(zip(self.timesteps, self.timesteps[1:] + [-1]))
+
+    def step(self, x0_hat: torch.Tensor, t: int, x_t: torch.Tensor, center: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_t at timestep t -> x at the next timestep of the subsequence (x0_hat after the last)."""
+        s = self._previous[t]
+        abar_t = self.diffusion.alphas_cumprod[t]
+        abar_s = self.diffusion.alphas_cumprod[s] if s >= 0 else abar_t.new_tensor(1.0)
+        shift = self.diffusion.anchor_shift(center)
+        z_t, z0 = x_t - shift, x0_hat - shift
+        eps = (z_t - abar_t.sqrt() * z0) / (1 - abar_t).sqrt()
+        sigma = self.eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
+        z_s = abar_s.sqrt() * z0 + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps
+        if sigma > 0:
+            z_s = z_s + sigma * _noise_like(x_t, generator)
+        return z_s + shift
+
+
+def make_sampler(diffusion: GaussianDiffusion, name: str, steps: int, eta: float = 0.0
+                 ) -> DDPMSampler | DDIMSampler:
+    """Build a sampler by name with its timesteps set."""
+    if name == "ddpm":
+        sampler: DDPMSampler | DDIMSampler = DDPMSampler(diffusion)
+    elif name == "ddim":
+        sampler = DDIMSampler(diffusion, eta=eta)
+    else:
+        raise ValueError(f"unknown sampler '{name}'; valid: {', '.join(SAMPLERS)}")
+    sampler.set_timesteps(steps)
+    return sampler

@@ -1,0 +1,81 @@
+"""Enhance your own low-light photos: ``python test_unpaired.py --input DARK_DIR --output OUT_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import CheckpointError, load_checkpoint, resolve_checkpoint
+from utils.cli import UserError, add_inference_args, resolve_device, run_cli, sampler_from_args
+from utils.image_io import ImageReadError, list_images, read_image, save_png
+
+DEFAULT_SAMPLER, DEFAULT_STEPS = "ddim", 20
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Enhance low-light images (PNG, JPEG, BMP, TIFF, WebP; any size; greyscale, RGBA with alpha "
+                    "kept, 16-bit; EXIF orientation honoured). Writes <name>.png into --output; never overwrites "
+                    "or deletes anything unless --overwrite.")
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="image files and/or folders (searched recursively)")
+    parser.add_argument("--output", required=True, help="folder for the enhanced PNGs (created if needed)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_inference_args(parser, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS)
+    return parser.parse_args(argv)
+
+
+def output_paths(inputs: Sequence[str], files: Sequence[Path], output: Path) -> dict[Path, Path]:
+    """Map each input file to ``output/<relative folder>/<stem>.png``, keeping the folder structure of
+    folder inputs so that equal names from different folders do not collide."""
+    mapping: dict[Path, Path] = {}
+    roots = [Path(p) for p in inputs if Path(p).is_dir()]
+    for file in files:
+        root = next((r for r in roots if file.is_relative_to(r)), file.parent)
+        target = output / file.relative_to(root).with_suffix(".png")
+        if target in mapping.values():
+            raise UserError(f"two inputs would both be written to {target}; pass them in separate runs")
+        mapping[file] = target
+    return mapping
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} exists and is not a folder")
+    files = list_images(args.input)
+    if not files:
+        raise UserError(f"no images found in {' '.join(args.input)}")
+    targets = output_paths(args.input, files, output)
+    existing = [str(t) for t in targets.values() if t.exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}); pass --overwrite "
+                        "to replace them or choose another --output")
+    device = resolve_device(args.device)
+    model = load_checkpoint(resolve_checkpoint(args.ckpt), map_location=device).to(device)
+    sampler = sampler_from_args(args, model.config.diffusion.timesteps)
+    failures = 0
+    for file in tqdm(files, desc="enhancing", unit="image"):
+        try:
+            loaded = read_image(file)
+        except ImageReadError as err:
+            tqdm.write(f"skipped: {err}")
+            failures += 1
+            continue
+        img = torch.from_numpy(loaded.rgb).permute(2, 0, 1)[None].to(device)
+        enhanced = model.enhance(img, sampler).image[0].permute(1, 2, 0).float().cpu().numpy()
+        save_png(targets[file], np.clip(enhanced, 0, 1), loaded.alpha, overwrite=args.overwrite)
+    done = len(files) - failures
+    print(f"wrote {done} image(s) to {output}" + (f"; {failures} unreadable file(s) skipped" if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, (CheckpointError, FileNotFoundError, FileExistsError, ImageReadError)))

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny configs and models that run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils.config import Config, config_from_dict  # noqa: E402
+
+TINY = {
+    "model": {"unet_dim": 8, "dim_mults": [1, 2, 2]},
+    "diffusion": {"timesteps": 10, "pad_multiple": 8},
+    "sampler": {"sampler": "ddpm", "steps": 10},
+    "val_sampler": {"sampler": "ddim", "steps": 2},
+    "optim": {"loss_type": "l2", "optimizer": "adamw", "lr": 1e-3},
+}
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    """A 3-level, width-8 model with 10 timesteps."""
+    return config_from_dict(TINY)
+
+
+@pytest.fixture
+def images() -> tuple[torch.Tensor, torch.Tensor]:
+    """A (low, high) pair of 2 x 3 x 16 x 24 images in [0, 1], low darker than high."""
+    generator = torch.Generator().manual_seed(0)
+    high = torch.rand(2, 3, 16, 24, generator=generator)
+    return high * 0.2, high

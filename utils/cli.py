@@ -1,0 +1,74 @@
+"""What every command-line script shares: clear one-line errors and device selection."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+from utils.config import SamplerConfig
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(RuntimeError):
+    """A problem the user can fix (bad path, flag or file); printed as one line, exit code 2."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], user_errors: tuple[type[BaseException], ...] = (),
+            argv: Sequence[str] | None = None) -> int:
+    """Run ``main`` and turn expected failures into ``error: ...`` on stderr and a non-zero exit code."""
+    try:
+        return int(main(argv) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was left half-written; earlier outputs are untouched", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UserError, *user_errors) as err:
+        message = str(err).strip() or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a usable torch.device, or a UserError saying why not."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise UserError(f"unsupported device '{name}'; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def add_inference_args(parser: argparse.ArgumentParser, *, sampler: str, steps: int) -> None:
+    """The flags test.py, test_unpaired.py and the demo share: checkpoint, sampler, device."""
+    parser.add_argument("--ckpt", help="checkpoint: ours or the paper's FS_final.ckpt (default: the bundled "
+                                       "checkpoints/default.ckpt)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=sampler,
+                        help=f"ddpm: the paper's 100-step sampler; ddim: exact few-step sampler (default {sampler})")
+    parser.add_argument("--steps", type=int, default=steps,
+                        help=f"sampling steps; ddpm needs all timesteps (default {steps})")
+    parser.add_argument("--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 = DDPM posterior")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+
+
+def sampler_from_args(args: argparse.Namespace, timesteps: int) -> SamplerConfig:
+    """A validated SamplerConfig from the flags of :func:`add_inference_args`."""
+    if args.sampler == "ddpm" and args.steps != timesteps:
+        raise UserError(f"--sampler ddpm runs all {timesteps} timesteps; use --sampler ddim for --steps {args.steps}")
+    if not 1 <= args.steps <= timesteps:
+        raise UserError(f"--steps must be in [1, {timesteps}], got {args.steps}")
+    if args.eta < 0:
+        raise UserError(f"--eta must be >= 0, got {args.eta}")
+    return SamplerConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed)

@@ -1,0 +1,296 @@
+"""Typed, validated configuration.
+
+A config is a tree of dataclasses whose defaults are the reference (faithful) settings of the paper's
+public code, so a YAML file only lists what it changes. Loading validates every key and type: a misspelt
+key is an error naming the nearest valid one. Dotted command-line overrides (``model.unet_dim=32``) go
+through the same validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and why."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the noise-predicting UNet and the anchor encoder (which share widths)."""
+
+    unet_dim: int = 64
+    dim_mults: tuple[int, ...] = (1, 2, 2, 4, 4, 8)
+    in_dim: int = 6
+    unet_outdim: int = 3
+    cond_in_dim: int = 12
+    use_wn: bool = True
+    cond_use_wn: bool = True
+    use_instance_norm: bool = True
+    weight_init: bool = True
+    stronger_cond: bool = True
+    cond_on_res: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule and the anchoring switches (DRDA in ``q_sample``, DRDS in ``q_posterior``)."""
+
+    timesteps: int = 100
+    beta_schedule: str = "cosine"
+    use_center: bool = True
+    use_center_sampler: bool = True
+    clip_denoised: bool = True
+    pad_multiple: int = 32
+
+
+@dataclass
+class SamplerConfig:
+    """How images are sampled: ``ddpm`` is the paper's 100-step sampler, ``ddim`` the exact few-step one."""
+
+    sampler: str = "ddpm"
+    steps: int = 100
+    eta: float = 0.0
+    seed: int | None = 0
+
+
+@dataclass
+class OptimConfig:
+    """Loss and optimisation of the LightningModule."""
+
+    loss_type: str = "dfpl"
+    dfpl_image_loss: str = "lpips_vgg"
+    optimizer: str = "lion"
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    scheduler: str | None = None
+    scheduler_patience: int = 10
+    scheduler_factor: float = 0.5
+    min_lr: float = 1e-6
+    ref_prob: float = 0.5
+    train_encoder: bool = False
+    ema_decay: float | None = None
+
+
+@dataclass
+class DataConfig:
+    """Datasets (roots in the layouts the datasets ship with) and loaders."""
+
+    use_dataset: str = "LOL+LOLv2+VELOL"
+    lol_root: str = "data/LOL"
+    lolv2_root: str = "data/LOLv2"
+    velol_root: str = "data/VE-LOL-L"
+    extra_train_folders: list[str] = field(default_factory=list)
+    val_folder: str | None = None
+    test_folder: str | None = None
+    image_size: int = 160
+    train_batch_size: int = 24
+    eval_batch_size: int = 1
+    num_workers: int = 4
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings, checkpointing and logging."""
+
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_epochs: int = 1000
+    max_steps: int = -1
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    check_val_every_n_epoch: int = 1
+    val_check_interval: int | float | None = None
+    log_every_n_steps: int = 50
+    limit_val_batches: int | float = 1.0
+    monitor: str = "val/combined"
+    monitor_mode: str = "max"
+    save_top_k: int = 1
+    checkpoint_every_n_steps: int = 0
+    output_dir: str = "runs"
+    run_name: str = "anlightendiff"
+    deterministic: bool = False
+
+
+@dataclass
+class Config:
+    """The whole run configuration. Defaults reproduce the reference (faithful) settings."""
+
+    seed: int = 3407
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    val_sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples become lists) fit for YAML and checkpoints."""
+        return _plain(dataclasses.asdict(self))
+
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "diffusion.beta_schedule": ("cosine", "linear"),
+    "sampler.sampler": ("ddpm", "ddim"),
+    "val_sampler.sampler": ("ddpm", "ddim"),
+    "optim.loss_type": ("dfpl", "l1", "l2"),
+    "optim.dfpl_image_loss": ("lpips_vgg", "lpips_alex", "l1", "l2"),
+    "optim.optimizer": ("lion", "adamw"),
+    "optim.scheduler": (None, "cosine", "plateau"),
+    "data.use_dataset": ("LOL", "LOLv2", "LOLv2_synthetic", "VELOL", "LOL+LOLv2", "LOL+LOLv2+VELOL", "folder"),
+    "trainer.monitor_mode": ("min", "max"),
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _nearest(key: str, valid: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a type hint, converting only lossless cases (int -> float, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: {value!r} is not of type {_type_name(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{where}'{_nearest(key, names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{where}.")
+        else:
+            kwargs[key] = _coerce(value, hint, where)
+            choices = CHOICES.get(where)
+            if choices is not None and kwargs[key] not in choices:
+                raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Validate a nested dict (from YAML or a checkpoint) into a :class:`Config`."""
+    config = _build(Config, data or {}, "")
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    if config.model.in_dim != 2 * config.model.unet_outdim:
+        raise ConfigError("model.in_dim must be 2 * model.unet_outdim (x_t and the low-light image)")
+    if config.sampler.steps < 1 or config.sampler.steps > config.diffusion.timesteps:
+        raise ConfigError(f"sampler.steps must be in [1, diffusion.timesteps={config.diffusion.timesteps}]")
+    if config.sampler.sampler == "ddpm" and config.sampler.steps != config.diffusion.timesteps:
+        raise ConfigError("sampler.steps: ddpm visits every timestep; use sampler.sampler=ddim for fewer steps")
+    if not 0.0 <= config.optim.ref_prob <= 1.0:
+        raise ConfigError("optim.ref_prob must be in [0, 1]")
+    multiple = 2 ** (len(config.model.dim_mults) - 1)
+    if config.diffusion.pad_multiple % multiple:
+        raise ConfigError(f"diffusion.pad_multiple must be a multiple of {multiple} for these dim_mults")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.unet_dim=32"`` -> (["model", "unet_dim"], 32); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a nested dict (a copy is returned)."""
+    data = _plain(dict(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML config (``None`` = faithful defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return config_from_dict(apply_overrides(data, overrides))
+    except ConfigError as err:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{err}") from None
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the merged config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
