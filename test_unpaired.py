@@ -13,9 +13,10 @@ from tqdm import tqdm
 
 from models import CheckpointError, load_checkpoint, resolve_checkpoint
 from utils.cli import UserError, add_inference_args, resolve_device, run_cli, sampler_from_args
+from utils.config import SamplerConfig
 from utils.image_io import ImageReadError, list_images, read_image, save_png
 
-DEFAULT_SAMPLER, DEFAULT_STEPS = "ddim", 20
+FAST_SAMPLER = SamplerConfig(sampler="ddim", steps=20, eta=0.0, seed=0)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -27,7 +28,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="image files and/or folders (searched recursively)")
     parser.add_argument("--output", required=True, help="folder for the enhanced PNGs (created if needed)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    add_inference_args(parser, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS)
+    add_inference_args(parser, FAST_SAMPLER)
     return parser.parse_args(argv)
 
 
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "to replace them or choose another --output")
     device = resolve_device(args.device)
     model = load_checkpoint(resolve_checkpoint(args.ckpt), map_location=device).to(device)
-    sampler = sampler_from_args(args, model.config.diffusion.timesteps)
+    sampler = sampler_from_args(args, FAST_SAMPLER, model.config.diffusion.timesteps)
     failures = 0
     for file in tqdm(files, desc="enhancing", unit="image"):
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 
@@ -50,25 +51,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def add_inference_args(parser: argparse.ArgumentParser, *, sampler: str, steps: int) -> None:
-    """The flags test.py, test_unpaired.py and the demo share: checkpoint, sampler, device."""
+def add_inference_args(parser: argparse.ArgumentParser, defaults: SamplerConfig | None = None) -> None:
+    """The flags test.py, test_unpaired.py and the demo share: checkpoint, sampler, device. Without
+    ``defaults`` the sampler flags default to None (the config's sampler then applies)."""
+    d = defaults
     parser.add_argument("--ckpt", help="checkpoint: ours or the paper's FS_final.ckpt (default: the bundled "
                                        "checkpoints/default.ckpt)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=sampler,
-                        help=f"ddpm: the paper's 100-step sampler; ddim: exact few-step sampler (default {sampler})")
-    parser.add_argument("--steps", type=int, default=steps,
-                        help=f"sampling steps; ddpm needs all timesteps (default {steps})")
-    parser.add_argument("--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 = DDPM posterior")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (default 0)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=d and d.sampler,
+                        help="ddpm: the paper's 100-step sampler; ddim: exact few-step sampler "
+                             f"(default: {d.sampler if d else 'the config'})")
+    parser.add_argument("--steps", type=int, default=d and d.steps,
+                        help=f"sampling steps; ddpm needs all timesteps (default: {d.steps if d else 'the config'})")
+    parser.add_argument("--eta", type=float, default=d and d.eta,
+                        help="ddim noise: 0 deterministic, 1 = the DDPM posterior (default: "
+                             f"{d.eta if d else 'the config'})")
+    parser.add_argument("--seed", type=int, default=d and d.seed,
+                        help="seed of the sampler's noise, for reproducible stochastic sampling")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 
-def sampler_from_args(args: argparse.Namespace, timesteps: int) -> SamplerConfig:
-    """A validated SamplerConfig from the flags of :func:`add_inference_args`."""
-    if args.sampler == "ddpm" and args.steps != timesteps:
-        raise UserError(f"--sampler ddpm runs all {timesteps} timesteps; use --sampler ddim for --steps {args.steps}")
-    if not 1 <= args.steps <= timesteps:
-        raise UserError(f"--steps must be in [1, {timesteps}], got {args.steps}")
-    if args.eta < 0:
-        raise UserError(f"--eta must be >= 0, got {args.eta}")
-    return SamplerConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed)
+def sampler_from_args(args: argparse.Namespace, base: SamplerConfig, timesteps: int) -> SamplerConfig:
+    """``base`` with the sampler flags of :func:`add_inference_args` that were given, validated."""
+    given = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "seed") if getattr(args, k) is not None}
+    sampler = dataclasses.replace(base, **given)
+    if sampler.sampler == "ddpm" and sampler.steps != timesteps:
+        raise UserError(f"the ddpm sampler runs all {timesteps} timesteps; use --sampler ddim for --steps "
+                        f"{sampler.steps}")
+    if not 1 <= sampler.steps <= timesteps:
+        raise UserError(f"--steps must be in [1, {timesteps}], got {sampler.steps}")
+    if sampler.eta < 0:
+        raise UserError(f"--eta must be >= 0, got {sampler.eta}")
+    return sampler

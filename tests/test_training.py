@@ -1,0 +1,81 @@
+import torch
+
+from models import AnlightenDiff
+from models.losses import build_image_loss, dfpl_loss
+
+
+def _fixed_step_losses(module: AnlightenDiff, batch: dict, steps: int) -> list[float]:
+    """Training steps that redraw the same t, noise and teacher-forcing choice each time, so the loss
+    is a function of the weights alone."""
+    optimizer = module.configure_optimizers()
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(0)
+        loss = module.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _batch(images):
+    low, high = images
+    return {"low": low, "high": high, "name": ["a", "b"]}
+
+
+def test_training_steps_lower_the_loss(tiny_config, images, monkeypatch):
+    torch.manual_seed(0)
+    module = AnlightenDiff(tiny_config)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    losses = _fixed_step_losses(module, _batch(images), 15)
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_dfpl_training_steps_lower_the_loss(tiny_config, images, monkeypatch):
+    tiny_config.optim.loss_type = "dfpl"
+    tiny_config.optim.dfpl_image_loss = "l1"
+    torch.manual_seed(0)
+    module = AnlightenDiff(tiny_config)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    losses = _fixed_step_losses(module, _batch(images), 15)
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_encoder_is_frozen_unless_configured(tiny_config):
+    module = AnlightenDiff(tiny_config)
+    trained = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
+    assert trained == {id(p) for p in module.model.parameters()}
+    tiny_config.optim.train_encoder = True
+    module = AnlightenDiff(tiny_config)
+    trained = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
+    assert {id(p) for p in module.encoder.parameters()} <= trained
+
+
+def test_dfpl_compares_images_rebuilt_from_noise(tiny_config, images):
+    module = AnlightenDiff(tiny_config)
+    d = module.model
+    low, high = images
+    x0 = d.img2res(high, low)
+    t = torch.tensor([3, 7])
+    eps_star = torch.randn_like(x0)
+    l1 = build_image_loss("l1")
+    assert dfpl_loss(d, l1, x0, t, high, low, eps_star, eps_star).item() == 0.0
+    shifted = dfpl_loss(d, l1, x0, t, high, low, eps_star + 0.1, eps_star).item()
+    assert shifted > 0
+    # the two images are q_sample(x0, t, c, eps_hat) and q_sample(x0, t, c, eps*), mapped to [0, 1]
+    expected = l1(d.res2img(d.q_sample(x0, t, high, eps_star + 0.1), low), d.res2img(d.q_sample(x0, t, high, eps_star), low))
+    assert shifted == expected.item()
+
+
+def test_non_finite_loss_names_the_step(tiny_config, images, monkeypatch):
+    module = AnlightenDiff(tiny_config)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    batch = _batch(images)
+    batch["high"] = batch["high"] * float("nan")
+    try:
+        module.training_step(batch, 0)
+    except FloatingPointError as err:
+        assert "step 0" in str(err)
+    else:
+        raise AssertionError("a NaN loss must stop training")
