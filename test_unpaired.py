@@ -14,7 +14,7 @@ from tqdm import tqdm
 from models import CheckpointError, load_checkpoint, resolve_checkpoint
 from utils.cli import UserError, add_inference_args, resolve_device, run_cli, sampler_from_args
 from utils.config import SamplerConfig
-from utils.image_io import ImageReadError, list_images, read_image, save_png
+from utils.image_io import ImageReadError, list_images, read_image, save_grid, save_png
 
 FAST_SAMPLER = SamplerConfig(sampler="ddim", steps=20, eta=0.0, seed=0)
 
@@ -28,6 +28,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="image files and/or folders (searched recursively)")
     parser.add_argument("--output", required=True, help="folder for the enhanced PNGs (created if needed)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--grid", metavar="FILE.png",
+                        help="also write a side-by-side grid PNG, one row per image: input | anchor | output")
     add_inference_args(parser, FAST_SAMPLER)
     return parser.parse_args(argv)
 
@@ -62,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     model = load_checkpoint(resolve_checkpoint(args.ckpt), map_location=device).to(device)
     sampler = sampler_from_args(args, FAST_SAMPLER, model.config.diffusion.timesteps)
-    failures = 0
+    if args.grid and Path(args.grid).exists() and not args.overwrite:
+        raise UserError(f"--grid {args.grid} already exists; pass --overwrite to replace it")
+    failures, grid_rows = 0, []
     for file in tqdm(files, desc="enhancing", unit="image"):
         try:
             loaded = read_image(file)
@@ -71,12 +75,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures += 1
             continue
         img = torch.from_numpy(loaded.rgb).permute(2, 0, 1)[None].to(device)
-        enhanced = model.enhance(img, sampler).image[0].permute(1, 2, 0).float().cpu().numpy()
-        save_png(targets[file], np.clip(enhanced, 0, 1), loaded.alpha, overwrite=args.overwrite)
+        result = model.enhance(img, sampler)
+        enhanced, anchor = (np.clip(t[0].permute(1, 2, 0).float().cpu().numpy(), 0, 1)
+                            for t in (result.image, result.anchor))
+        save_png(targets[file], enhanced, loaded.alpha, overwrite=args.overwrite)
+        if args.grid:
+            grid_rows.append([loaded.rgb, anchor, enhanced])
+    if args.grid and grid_rows:
+        save_grid(args.grid, grid_rows, overwrite=args.overwrite)
     done = len(files) - failures
     print(f"wrote {done} image(s) to {output}" + (f"; {failures} unreadable file(s) skipped" if failures else ""))
     return 1 if failures else 0
 
 
+USER_ERRORS = (CheckpointError, FileNotFoundError, FileExistsError, ImageReadError, ValueError)
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, (CheckpointError, FileNotFoundError, FileExistsError, ImageReadError)))
+    sys.exit(run_cli(main, USER_ERRORS))

@@ -31,13 +31,16 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format)") from None
         raise CheckpointError(
             f"{path}: refused, it needs arbitrary unpickling (objects beyond tensors and plain containers), "
-            f"which could run code. Re-save its state_dict with plain types. Details: {str(err).splitlines()[0]}"
+            "which could run code. Re-save its state_dict with plain types."
         ) from None
     except Exception as err:  # noqa: BLE001 - any failure to parse means "not a checkpoint"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format): "
-                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+                              f"{reason}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict' mapping)")
     return checkpoint

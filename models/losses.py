@@ -13,18 +13,25 @@ from utils.lpips import build_lpips
 ImageLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class LPIPSLoss:
-    """LPIPS between (B, 3, H, W) images in [0, 1] (scaled to [-1, 1] inside), batch mean.
+class Frozen:
+    """Holds a frozen network (a loss or a metric) outside the module tree: it is moved to the device it
+    is asked for, but never enters the model's state dict, checkpoints or optimizer."""
 
-    Deliberately not an ``nn.Module``: the frozen network follows the inputs' device but stays out of
-    the model's state dict and checkpoints.
-    """
+    def __init__(self, network: torch.nn.Module):
+        self._network = network
+
+    def on(self, device: torch.device) -> torch.nn.Module:
+        return self._network.to(device)
+
+
+class LPIPSLoss:
+    """LPIPS between (B, 3, H, W) images in [0, 1] (scaled to [-1, 1] inside), batch mean."""
 
     def __init__(self, net: str):
-        self.network = build_lpips(net)
+        self.network = Frozen(build_lpips(net))
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.network.to(pred.device)(pred, target, normalize=True).mean()
+        return self.network.on(pred.device)(pred, target, normalize=True).mean()
 
 
 def build_image_loss(name: str) -> ImageLoss:

@@ -14,7 +14,7 @@ from torchvision.utils import make_grid
 from models.anchor import AnchorEncoder
 from models.diffusion import GaussianDiffusion
 from models.inference import Enhanced, enhance
-from models.losses import build_image_loss, dfpl_loss, noise_loss
+from models.losses import Frozen, build_image_loss, dfpl_loss, noise_loss
 from models.unet import NoiseUNet
 from utils.config import Config, SamplerConfig, config_from_dict
 from utils.lpips import build_lpips, lpips_available
@@ -111,14 +111,15 @@ class AnlightenDiff(pl.LightningModule):
 
     # ----------------------------------------------------------------- evaluation
     def _lpips_model(self) -> torch.nn.Module | None:
+        """LPIPS-AlexNet for validation and test, or None when its weights are not on this machine."""
         if self._lpips_alex is None and lpips_available("alex"):
-            self._lpips_alex = build_lpips("alex")
-        return self._lpips_alex.to(self.device) if self._lpips_alex is not None else None
+            self._lpips_alex = Frozen(build_lpips("alex"))
+        return self._lpips_alex.on(self.device) if self._lpips_alex is not None else None
 
     def _evaluate(self, batch: dict[str, Any], stage: str, batch_idx: int) -> None:
         result = self.enhance(batch["low"], self.config.val_sampler if stage == "val" else self.config.sampler)
         lpips_model = self._lpips_model()
-        for out, gt in zip(result.image, batch["high"]):
+        for out, gt in zip(result.image, batch["high"], strict=True):
             scores = image_metrics(to_uint8(out), to_uint8(gt), lpips_model=lpips_model)
             logged = {k: v for k, v in scores.items() if v is not None}
             if scores.get("lpips") is not None:

@@ -45,7 +45,7 @@ class UNetBackbone(nn.Module):
     ):
         super().__init__()
         dims = [in_dim, *(dim * m for m in dim_mults)]
-        pairs = list(zip(dims[:-1], dims[1:]))
+        pairs = list(zip(dims[:-1], dims[1:], strict=False))
         self.concat_features = concat_features
         self.time_pos_emb = SinusoidalPosEmb(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, dim * 4), nn.Mish(), nn.Linear(dim * 4, dim))

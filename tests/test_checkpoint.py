@@ -90,7 +90,7 @@ def test_own_checkpoint_round_trip(tiny_config, tmp_path):
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     loaded = load_checkpoint(path)
     assert loaded.config == tiny_config
-    for (k1, v1), (k2, v2) in zip(module.state_dict().items(), loaded.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(module.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2)
 
 

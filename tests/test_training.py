@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from models import AnlightenDiff
@@ -64,7 +65,8 @@ def test_dfpl_compares_images_rebuilt_from_noise(tiny_config, images):
     shifted = dfpl_loss(d, l1, x0, t, high, low, eps_star + 0.1, eps_star).item()
     assert shifted > 0
     # the two images are q_sample(x0, t, c, eps_hat) and q_sample(x0, t, c, eps*), mapped to [0, 1]
-    expected = l1(d.res2img(d.q_sample(x0, t, high, eps_star + 0.1), low), d.res2img(d.q_sample(x0, t, high, eps_star), low))
+    rebuilt = [d.res2img(d.q_sample(x0, t, high, eps), low) for eps in (eps_star + 0.1, eps_star)]
+    expected = l1(*rebuilt)
     assert shifted == expected.item()
 
 
@@ -79,3 +81,17 @@ def test_non_finite_loss_names_the_step(tiny_config, images, monkeypatch):
         assert "step 0" in str(err)
     else:
         raise AssertionError("a NaN loss must stop training")
+
+
+@pytest.mark.lpips_weights
+def test_lpips_networks_stay_out_of_the_state_dict(tiny_config, images, monkeypatch):
+    tiny_config.optim.loss_type = "dfpl"
+    tiny_config.optim.dfpl_image_loss = "lpips_alex"
+    module = AnlightenDiff(tiny_config)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    keys = set(module.state_dict())
+    assert module._lpips_model() is not None
+    high = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert module.training_step({"low": high * 0.2, "high": high, "name": ["a", "b"]}, 0).item() > 0
+    assert set(module.state_dict()) == keys
+    assert all(k.startswith(("model.", "encoder.")) for k in keys)

@@ -110,7 +110,7 @@ class TrainerConfig:
     max_steps: int = -1
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
-    check_val_every_n_epoch: int = 1
+    check_val_every_n_epoch: int | None = 1
     val_check_interval: int | float | None = None
     log_every_n_steps: int = 50
     limit_val_batches: int | float = 1.0

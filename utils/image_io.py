@@ -247,3 +247,23 @@ def list_images(paths: Sequence[str | os.PathLike[str]], recursive: bool = True)
 
 def _is_image_name(path: Path) -> bool:
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def save_grid(path: str | os.PathLike[str], rows: Sequence[Sequence[np.ndarray]], *, height: int = 200,
+              gap: int = 4, overwrite: bool = False) -> Path:
+    """Write a PNG grid: each row's images (float HxWx3 in [0, 1] or uint8) resized to ``height`` pixels
+    and placed left to right, rows stacked top to bottom on a white background."""
+    tiles = [[_resized(img, height) for img in row] for row in rows]
+    width = max(sum(t.width for t in row) + gap * (len(row) - 1) for row in tiles)
+    canvas = Image.new("RGB", (width, len(tiles) * (height + gap) - gap), "white")
+    for r, row in enumerate(tiles):
+        x = 0
+        for tile in row:
+            canvas.paste(tile, (x, r * (height + gap)))
+            x += tile.width + gap
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"), overwrite=overwrite)
+
+
+def _resized(img: np.ndarray, height: int) -> Image.Image:
+    image = Image.fromarray(_as_uint8(img, "grid image"))
+    return image.resize((max(1, round(image.width * height / image.height)), height), Image.Resampling.LANCZOS)
