@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.image_io import atomic_write
 from utils.lpips import (
     CONV_INDICES,
     CONVERTED_FILES,
@@ -247,22 +248,6 @@ def check_linear_heads(tree: dict, net: str) -> None:
             raise WeightsError(f"{net}: linear head {k} differs from lpips' packaged {path.name}")
 
 
-def save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace`` onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def verify_converted(path: str | os.PathLike, net: str) -> bool:
     """True when ``path`` loads (weights only) as exactly torchvision's ``features`` conv keys with the
     right shapes and parameter count."""
@@ -291,7 +276,7 @@ def prepare(cache_dir: Path, force: bool = False, sdist: Path | None = None) -> 
         for net in NETS:
             state = convert_tree(trees[net], net)
             check_linear_heads(trees[net], net)
-            save_atomic(state, paths[net])
+            atomic_write(paths[net], lambda tmp, state=state: torch.save(state, tmp))
             print(f"wrote {paths[net]} ({PARAM_COUNTS[net]:,} parameters)", file=sys.stderr)
     return paths
 
