@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lpips demo test lint bench clean-venv
+.PHONY: setup lpips demo web-demo test lint bench clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ lpips: setup  ## fetch, convert and verify the real LPIPS backbones (offline-cap
 
 demo: setup  ## enhance samples/ with the bundled checkpoint into results/samples (+ grid.png)
 	$(PY) test_unpaired.py --input samples --output results/samples --grid results/samples/grid.png --overwrite
+
+web-demo: setup  ## the Gradio page on http://127.0.0.1:7860 (optional packages in requirements-demo.txt)
+	$(PY) -m pip install --quiet -r requirements-demo.txt
+	$(PY) demo.py
 
 test: setup lpips  ## run the test suite
 	$(PY) -m pytest -q
