@@ -10,6 +10,7 @@ import torch
 
 from models.module import AnlightenDiff
 from utils.config import Config, ConfigError, config_from_dict
+from utils.image_io import atomic_write
 
 WEIGHT_NORM_NAMES = {"weight_g": "parametrizations.weight.original0",
                      "weight_v": "parametrizations.weight.original1"}
@@ -152,3 +153,22 @@ def _listing(title: str, keys: list[str], limit: int = 10) -> str:
         return ""
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return f"  {title} ({len(keys)}): {', '.join(keys[:limit])}{more}\n"
+
+
+def export_checkpoint(source: str | Path, target: str | Path) -> Path:
+    """Write a small inference checkpoint: the model's tensors and its config, no optimizer or loop state.
+
+    ``python -m models.checkpoint SOURCE TARGET`` does this from the command line.
+    """
+    module = load_checkpoint(source)
+    content = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+               "exported_from": Path(source).name}
+    return atomic_write(target, lambda tmp: torch.save(content, tmp), overwrite=False)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m models.checkpoint SOURCE.ckpt TARGET.ckpt")
+    print(f"wrote {export_checkpoint(sys.argv[1], sys.argv[2])}")

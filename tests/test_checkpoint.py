@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from models import AnlightenDiff, CheckpointError, load_checkpoint
+from models.checkpoint import export_checkpoint
 from utils.config import Config, config_from_dict
 
 TSV = Path(__file__).parent / "data" / "official_state_dict_keys.tsv"
@@ -155,3 +156,17 @@ def test_code_running_pickles_are_refused(tmp_path, capsys):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.ckpt")
+
+
+def test_export_keeps_only_weights_and_config(tiny_config, tmp_path):
+    module = AnlightenDiff(tiny_config)
+    source = tmp_path / "run.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "optimizer_states": [{"big": torch.zeros(1000)}], "global_step": 7}, source)
+    target = export_checkpoint(source, tmp_path / "small.ckpt")
+    content = torch.load(target, weights_only=True)
+    assert set(content) == {"state_dict", "hyper_parameters", "exported_from"}
+    loaded = load_checkpoint(target)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in module.state_dict().items())
+    with pytest.raises(FileExistsError):
+        export_checkpoint(source, target)
