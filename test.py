@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from data.datamodule import datamodule_from_config
 from models import CheckpointError, load_checkpoint, resolve_checkpoint
-from utils.cli import UserError, add_inference_args, resolve_device, run_cli, sampler_from_args
+from utils.cli import UserError, add_inference_args, ensure_output_dir, resolve_device, run_cli, sampler_from_args
 from utils.config import ConfigError, load_config
-from utils.image_io import ImageReadError, atomic_write, save_png
+from utils.image_io import ImageReadError, atomic_write, read_image, save_png
 from utils.lpips import build_lpips, lpips_available, missing_weights_message
 from utils.metrics import image_metrics, to_uint8
 
@@ -44,7 +44,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="reproduce the paper's numbers exactly: truncate outputs to uint8, BGR swap before "
                              "grey SSIM and LPIPS, column-wise grey SSIM (see utils/metrics.py)")
     add_inference_args(parser)
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
 def sha256(path: Path) -> str:
@@ -104,6 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     datamodule = datamodule_from_config(config.data, config.seed)
     datamodule.setup("test")
     dataset = datamodule.test_dataset
+    existing = [str(t) for t in (output / f"{low.stem}.png" for low, _ in dataset.pairs) if t.exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}); pass --overwrite or "
+                        "choose another --output")
+    for path in (path for pair in dataset.pairs for path in pair):
+        read_image(path)  # an unreadable image is refused before anything is computed or written
     device = resolve_device(args.device)
     ckpt = resolve_checkpoint(args.ckpt)
     model = load_checkpoint(ckpt, map_location=device).to(device)
@@ -112,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lpips_model is None:
         print(f"LPIPS: null ({missing_weights_message('alex').splitlines()[0]})", file=sys.stderr)
     mode = "truncate" if args.reference_protocol else "round"
+    ensure_output_dir(output, "--output")
     rows = []
     for index in tqdm(range(len(dataset)), desc="testing", unit="image"):
         item = dataset[index]

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from models import CheckpointError, load_checkpoint, resolve_checkpoint
-from utils.cli import UserError, add_inference_args, resolve_device, run_cli, sampler_from_args
+from utils.cli import UserError, add_inference_args, ensure_output_dir, resolve_device, run_cli, sampler_from_args
 from utils.config import SamplerConfig
 from utils.image_io import ImageReadError, list_images, read_image, save_grid, save_png
 
 FAST_SAMPLER = SamplerConfig(sampler="ddim", steps=20, eta=0.0, seed=0)
+DEFAULT_MAX_PIXELS = 4096 * 1024
+"""Largest image (width x height) enhanced in one piece by default: its activations alone take several GB."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -30,8 +33,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--grid", metavar="FILE.png",
                         help="also write a side-by-side grid PNG, one row per image: input | anchor | output")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="refuse (before anything runs) images of more than N pixels, which need too much memory "
+                             f"in one piece, unless tiling (--tile) is on (default: {DEFAULT_MAX_PIXELS:,})")
     add_inference_args(parser, FAST_SAMPLER)
     return parser.parse_args(argv)
+
+
+def check_sizes(files: Sequence[Path], max_pixels: int) -> None:
+    """Refuse images of more than ``max_pixels`` pixels, read off their headers (unreadable files are left to
+    read_image, which reports them)."""
+    if max_pixels < 1:
+        raise UserError(f"--max-pixels must be positive, got {max_pixels}")
+    too_big = []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                width, height = img.size
+        except Exception:  # noqa: BLE001 - reported when the file is read
+            continue
+        if width * height > max_pixels:
+            too_big.append(f"{file} ({width}x{height} = {width * height:,} pixels)")
+    if too_big:
+        raise UserError(f"{len(too_big)} image(s) larger than --max-pixels {max_pixels:,}, too big to enhance in one "
+                        f"piece (e.g. {too_big[0]}); pass --tile SIZE to enhance them in tiles, or raise "
+                        "--max-pixels if this machine has the memory")
 
 
 def output_paths(inputs: Sequence[str], files: Sequence[Path], output: Path) -> dict[Path, Path]:
@@ -56,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = list_images(args.input)
     if not files:
         raise UserError(f"no images found in {' '.join(args.input)}")
+    if not getattr(args, "tile", None):
+        check_sizes(files, args.max_pixels)
     targets = output_paths(args.input, files, output)
     existing = [str(t) for t in targets.values() if t.exists()]
     if existing and not args.overwrite:
@@ -66,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampler = sampler_from_args(args, FAST_SAMPLER, model.config.diffusion.timesteps)
     if args.grid and Path(args.grid).exists() and not args.overwrite:
         raise UserError(f"--grid {args.grid} already exists; pass --overwrite to replace it")
+    ensure_output_dir(output, "--output")
     failures, grid_rows = 0, []
     for file in tqdm(files, desc="enhancing", unit="image"):
         try:

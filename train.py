@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from data.datamodule import datamodule_from_config
 from models import AnlightenDiff, CheckpointError
-from utils.cli import UserError, run_cli
-from utils.config import ConfigError, load_config, save_config
+from models.checkpoint import read_checkpoint
+from utils.cli import UserError, ensure_output_dir, run_cli
+from utils.config import Config, ConfigError, load_config
 from utils.image_io import ImageReadError
 from utils.lpips import LPIPSWeightsMissing
-from utils.training import build_callbacks, build_trainer, next_version
+from utils.training import TrainingInterrupted, build_callbacks, build_trainer, next_version
+
+RESUME_KEYS = {"model": None, "diffusion": None, "optim": ("optimizer", "train_encoder", "scheduler", "ema_decay")}
+"""Config keys a resumed run must share with its checkpoint (None: the whole section): they shape the weights,
+the optimizer state or the callbacks' state."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train AnlightenDiff. Each run writes to <trainer.output_dir>/<trainer.run_name>/version_N "
-                    "(config.yaml, TensorBoard logs, checkpoints/last.ckpt and the best checkpoint).",
+                    "(config.yaml, TensorBoard logs, checkpoints/last.ckpt and the best checkpoint). Ctrl-C or "
+                    "SIGTERM stops after the running step with checkpoints/last.ckpt saved (exit 130 / 143); "
+                    "--resume continues from it.",
         epilog="example: python train.py --cfg cfg/train/tiny.yaml data.extra_train_folders=[my_pairs] "
                "trainer.max_steps=100")
     parser.add_argument("--cfg", required=True, help="YAML config (see cfg/train/); unset keys take the paper's "
@@ -31,11 +42,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="dotted overrides of config values, validated like the file (e.g. optim.lr=1e-4)")
     parser.add_argument("--resume", metavar="RUN_DIR_OR_CKPT",
                         help="continue an interrupted run: its version_N folder (uses checkpoints/last.ckpt) or a "
-                             "checkpoint file; optimizer state, step and epoch are restored")
+                             "checkpoint file; weights, optimizer state, step, epoch and LR schedule are restored")
     parser.add_argument("--no-test", action="store_true", help="skip the final test on the best checkpoint")
     parser.add_argument("--fast-dev-run", action="store_true",
                         help="one training and one validation batch, no checkpoints: checks the set-up")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
 def resolve_resume(resume: str | None, output_dir: Path, run_name: str) -> tuple[int | None, str | None]:
@@ -52,33 +63,79 @@ def resolve_resume(resume: str | None, output_dir: Path, run_name: str) -> tuple
     return None, str(checkpoint)
 
 
+def check_resumable(checkpoint: str, config: Config) -> None:
+    """Refuse, before anything is written, a ``--resume`` file that is not a training checkpoint of this project
+    or whose architecture/optimizer differ from the config's."""
+    ckpt = read_checkpoint(checkpoint)
+    if "optimizer_states" not in ckpt or "loops" not in ckpt:
+        raise UserError(f"--resume {checkpoint}: not a training checkpoint (no optimizer or loop state); it can be "
+                        "evaluated with test.py but not resumed")
+    saved = (ckpt.get("hyper_parameters") or {}).get("config")
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume {checkpoint}: the checkpoint holds no config of this project")
+    current = config.to_dict()
+    diffs = [f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, config {value!r}"
+             for section, keys in RESUME_KEYS.items() for key, value in current[section].items()
+             if (keys is None or key in keys) and saved.get(section, {}).get(key) != value]
+    if diffs:
+        raise UserError(f"--resume {checkpoint}: the config does not match the checkpoint's ({'; '.join(diffs)}); "
+                        "pass the config it was trained with")
+
+
+def run_stage(trainer: pl.Trainer, stage: Callable[[], Any]) -> None:
+    """``trainer.fit`` or ``trainer.test``: Lightning ends a KeyboardInterrupt (or a SIGTERM outside the training
+    loop) with its own sys.exit(1); turn it back into the KeyboardInterrupt it was (exit 130)."""
+    try:
+        stage()
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.cfg, args.overrides)
     pl.seed_everything(config.seed, workers=True)
     output_dir = Path(config.trainer.output_dir)
     version, ckpt_path = resolve_resume(args.resume, output_dir, config.trainer.run_name)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, config)
     if version is None:
         version = next_version(output_dir / config.trainer.run_name)
+    datamodule = datamodule_from_config(config.data, config.seed)
+    datamodule.setup("fit")  # refuse missing or unpaired training data before anything is written
+    if not args.fast_dev_run and rank_zero_only.rank == 0:
+        ensure_output_dir(output_dir / config.trainer.run_name, "trainer.output_dir")
     logger = TensorBoardLogger(save_dir=str(output_dir), name=config.trainer.run_name, version=version,
                                default_hp_metric=False)
     run_dir = Path(logger.log_dir)
-    datamodule = datamodule_from_config(config.data, config.seed)
     module = AnlightenDiff(config)
     has_validation = config.data.val_folder is not None
-    callbacks = build_callbacks(config, run_dir / "checkpoints", has_validation)
-    trainer = build_trainer(config, logger, callbacks, fast_dev_run=args.fast_dev_run)
-    if trainer.is_global_zero and not args.fast_dev_run:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / ("config.yaml" if ckpt_path is None else "config_resumed.yaml"))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    callbacks = build_callbacks(config, run_dir / "checkpoints", has_validation,
+                                run_dir=None if args.fast_dev_run else run_dir, resumed=ckpt_path is not None)
+    try:
+        trainer = build_trainer(config, logger, callbacks, fast_dev_run=args.fast_dev_run)
+    except MisconfigurationException as err:
+        raise UserError(f"trainer settings: {err}") from None
+    try:
+        run_stage(trainer, lambda: trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path))
+    except TrainingInterrupted as stop:
+        if trainer.is_global_zero:
+            print(f"interrupted: {stop}; continue with --resume {run_dir}", file=sys.stderr)
+        return 128 + stop.signum
+    except FloatingPointError as err:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written"
+        raise FloatingPointError(f"{err}; training stopped, {kept}") from None
     if trainer.interrupted:
-        return 130
+        return 128 + signal.SIGINT
     has_test = config.data.test_folder is not None or config.data.use_dataset != "folder"
     if not args.no_test and not args.fast_dev_run and has_test:
         best = "best" if has_validation else "last"
-        trainer.test(module, datamodule=datamodule, ckpt_path=best)
-    print(f"run folder: {run_dir}")
+        run_stage(trainer, lambda: trainer.test(module, datamodule=datamodule, ckpt_path=best))
+    if trainer.is_global_zero:
+        print(f"run folder: {run_dir}")
     return 0
 
 

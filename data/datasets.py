@@ -57,8 +57,9 @@ def find_pairs_dirs(kind: str, root: str | os.PathLike[str], split: str = "train
     if low is None or high is None:
         missing = [str(expected / "low")] if low is None else []
         missing += [str(expected / "high")] if high is None else []
+        which = "folder dataset" if kind == "folder" else f"{kind} dataset ({split} split)"  # a folder has no split
         raise FileNotFoundError(
-            f"{kind} dataset ({split} split) not found: missing folder(s) {', '.join(missing)}. "
+            f"{which} not found: missing folder(s) {', '.join(missing)}. "
             f"Expected layout: {_describe_layout(kind, root)}"
         )
     return low, high
@@ -168,8 +169,16 @@ class PairedImageDataset(Dataset):
         self.crop_size = crop_size
         self.augment = augment
         self.seed = seed
+        self._epoch: int | None = None
         self._rng: np.random.Generator | None = None
         self._rng_key: tuple[int, int | None] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart this process's crop and augmentation stream from (seed, rank, epoch), so that an epoch's crops
+        do not depend on how many epochs the process ran before (a run resumed at an epoch boundary crops like an
+        uninterrupted one). DataLoader workers already started keep their own streams."""
+        self._epoch = epoch
+        self._rng = None
 
     @classmethod
     def from_layout(
@@ -204,6 +213,8 @@ class PairedImageDataset(Dataset):
         if self._rng is None or self._rng_key != key:
             base = self.seed if self.seed is not None else torch.initial_seed()
             entropy = [base, _distributed_rank()] + ([] if worker_seed is None else [worker_seed])
+            if self._epoch is not None:
+                entropy = [base, _distributed_rank(), worker_seed or 0, _EPOCH_TAG, self._epoch]
             self._rng = np.random.default_rng(np.random.SeedSequence(entropy))
             self._rng_key = key
         return self._rng
@@ -213,6 +224,10 @@ def _distributed_rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
+
+
+_EPOCH_TAG = 0x45504F4348
+"""Marks epoch-keyed crop streams (``set_epoch``) apart from the others in their SeedSequence entropy."""
 
 
 def _random_crop(

@@ -45,6 +45,7 @@ class AnlightenDiff(pl.LightningModule):
         self.config = config if isinstance(config, Config) else config_from_dict(config)
         self.save_hyperparameters({"config": self.config.to_dict()})
         self.encoder, self.model = build_networks(self.config)
+        self.encoder.requires_grad_(self.config.optim.train_encoder)
         self._image_loss = None
         self._lpips_alex = None
 

@@ -30,16 +30,25 @@ class DDPMSampler:
 
     def set_timesteps(self, steps: int) -> None:
         if steps != self.diffusion.num_timesteps:
-            raise ValueError(f"ddpm visits all {self.diffusion.num_timesteps} timesteps; use ddim for {steps}")
+            total = self.diffusion.num_timesteps
+            raise ValueError(f"ddpm visits all {total} timesteps; use ddim for {steps}")
+
+    def draws_noise(self, t: int) -> bool:
+        """Whether :meth:`step` at timestep t adds noise (every step but the last)."""
+        return t > 0
 
     def step(self, x0_hat: torch.Tensor, t: int, x_t: torch.Tensor, center: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """x_t (B, 3, H, W) at timestep t -> x_{t-1}, given the (clipped) prediction x0_hat."""
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (B, 3, H, W) at timestep t -> x_{t-1}, given the (clipped) prediction x0_hat.
+
+        ``noise``: the standard-normal z to add (shaped like x_t); drawn from ``generator`` when None.
+        """
         t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         mean, _, log_variance = self.diffusion.q_posterior(x0_hat, x_t, t_batch, center)
-        if t == 0:
+        if not self.draws_noise(t):
             return mean
-        return mean + (0.5 * log_variance).exp() * _noise_like(x_t, generator)
+        z = noise if noise is not None else _noise_like(x_t, generator)
+        return mean + (0.5 * log_variance).exp() * z
 
 
 class DDIMSampler:
@@ -61,11 +70,18 @@ class DDIMSampler:
             self.timesteps = [total - 1]
         else:
             self.timesteps = torch.linspace(total - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-        self._previous = dict(zip(self.timesteps, self.timesteps[1:] + [-1]))
+        self._previous = dict(zip(self.timesteps, self.timesteps[1:] + [-1], strict=True))
+
+    def draws_noise(self, t: int) -> bool:
+        """Whether :meth:`step` at timestep t adds noise (eta > 0, every step but the last)."""
+        return self.eta > 0 and self._previous[t] >= 0
 
     def step(self, x0_hat: torch.Tensor, t: int, x_t: torch.Tensor, center: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """x_t at timestep t -> x at the next timestep of the subsequence (x0_hat after the last)."""
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t at timestep t -> x at the next timestep of the subsequence (x0_hat after the last).
+
+        ``noise``: the standard-normal z to add (shaped like x_t); drawn from ``generator`` when None.
+        """
         s = self._previous[t]
         abar_t = self.diffusion.alphas_cumprod[t]
         abar_s = self.diffusion.alphas_cumprod[s] if s >= 0 else abar_t.new_tensor(1.0)
@@ -74,8 +90,8 @@ class DDIMSampler:
         eps = (z_t - abar_t.sqrt() * z0) / (1 - abar_t).sqrt()
         sigma = self.eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
         z_s = abar_s.sqrt() * z0 + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps
-        if sigma > 0:
-            z_s = z_s + sigma * _noise_like(x_t, generator)
+        if self.draws_noise(t):
+            z_s = z_s + sigma * (noise if noise is not None else _noise_like(x_t, generator))
         return z_s + shift
 
 

@@ -79,7 +79,7 @@ def test_train_writes_a_versioned_run_and_resumes(tmp_path):
 
 
 def test_test_py_metrics_match_scikit_image(tmp_path, tiny_ckpt):
-    data = make_pairs(tmp_path / "pairs")
+    data = make_pairs(tmp_path / "pairs", size=(64, 80))  # LPIPS-AlexNet needs images of some size
     out = tmp_path / "results"
     code = test_script.main(["--cfg", str(ROOT / "cfg/test/LOL.yaml"), "--ckpt", str(tiny_ckpt), "--test-folder",
                              str(data), "--output", str(out), "--sampler", "ddim", "--steps", "2", "--device", "cpu"])

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
+import secrets
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -27,10 +31,51 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], user_errors: tup
     except KeyboardInterrupt:
         print("interrupted: nothing was left half-written; earlier outputs are untouched", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UserError, *user_errors) as err:
-        message = str(err).strip() or type(err).__name__
+    except Exception as err:
+        message = _user_message(err, (UserError, *user_errors))
+        if message is None:
+            raise
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _user_message(err: Exception, user_errors: tuple[type[BaseException], ...]) -> str | None:
+    """The one-line message of an expected failure, or None for a bug (which keeps its traceback). A DataLoader
+    worker's error reaches the main process re-raised as its type or as RuntimeError, with the worker's whole
+    traceback as message: its last line is what the user needs."""
+    text = str(err).strip()
+    worker = _WORKER_ERROR.match(text)
+    if worker is not None:
+        names = {cls.__name__ for base in user_errors for cls in _subclasses(base)}
+        if worker.group(1) not in names:
+            return None
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    if isinstance(err, user_errors):
+        return text or type(err).__name__
+    return None
+
+
+def _subclasses(cls: type) -> set[type]:
+    return {cls}.union(*(_subclasses(sub) for sub in cls.__subclasses__()))
+
+
+def ensure_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
+    """Create the folder ``path`` (named by ``flag`` in messages) and prove it writable by creating and removing a
+    file in it; a UserError says why not (a file in the way, no permission, read-only file system)."""
+    path = Path(path)
+    probe = path / f".write-test-{secrets.token_hex(6)}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        raise UserError(f"{flag} {path}: cannot write there ({err.strerror or type(err).__name__}{where})") from None
+    return path
 
 
 def resolve_device(name: str) -> torch.device:

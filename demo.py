@@ -1,0 +1,216 @@
+"""Web demo: ``python demo.py`` serves a page that enhances low-light photos in the browser.
+
+Needs the optional packages of requirements-demo.txt (gradio). The page enhances through the same
+``AnlightenDiff.enhance`` path as test_unpaired.py; this file holds only the user interface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import AnlightenDiff, CheckpointError, load_checkpoint, resolve_checkpoint
+from models.inference import prepare_for_inference
+from utils.cli import UserError, add_inference_args, resolve_device, run_cli, sampler_from_args
+from utils.config import SamplerConfig
+from utils.image_io import ImageReadError, LoadedImage, list_images, read_image, save_png
+
+try:
+    import gradio as gr
+except ImportError:  # the demo's packages are optional: say how to get them instead of a traceback
+    raise SystemExit("error: the demo needs gradio: pip install -r requirements-demo.txt") from None
+
+DEMO_SAMPLER = SamplerConfig(sampler="ddim", steps=20, eta=0.0, seed=0)
+DEFAULT_MAX_PIXELS = 1024 * 1024
+IMAGE_HEIGHT = 280
+MAX_TILE_OVERLAP = 64
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+EnhanceResult = tuple[tuple[np.ndarray, np.ndarray], np.ndarray, str]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Serve a web page that enhances low-light photos: upload one (or pick a sample from "
+                    "samples/), compare before and after, download the result as a full-resolution PNG. "
+                    "The sampler flags set the page's initial controls.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 serves other machines too (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="largest image (width x height) enhanced in one piece; larger uploads are "
+                             f"refused unless tiling is on (default: {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--samples", type=Path, default=SAMPLES_DIR,
+                        help="folder of sample images offered on the page (default: samples/ beside demo.py)")
+    add_inference_args(parser, DEMO_SAMPLER)
+    args = parser.parse_args(argv)
+    if args.max_pixels < 1:
+        parser.error(f"--max-pixels must be positive, got {args.max_pixels}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    return args
+
+
+def sample_images(folder: Path) -> list[Path]:
+    """The images directly in ``folder``; none when it is missing or empty."""
+    return list_images([folder], recursive=False) if folder.is_dir() else []
+
+
+def checked_sampler(base: SamplerConfig, sampler: str, steps: int, timesteps: int) -> SamplerConfig:
+    """``base`` with this sampler and step count (ddpm: every timestep), validated like the command-line
+    flags (UserError)."""
+    chosen = argparse.Namespace(sampler=sampler, steps=timesteps if sampler == "ddpm" else steps, eta=None,
+                                seed=None)
+    return sampler_from_args(chosen, base, timesteps)
+
+
+def refusal(message: str) -> gr.Error:
+    """An error shown on the page (not a server traceback: the user's input, not the server, is at fault)."""
+    return gr.Error(message, title="Cannot enhance this image", print_exception=False)
+
+
+def upload_path(upload: dict[str, Any] | None) -> tuple[Path, str]:
+    """(file on the server, the user's name for it) of the page's upload (gradio's FileData as a dict)."""
+    if not upload or not upload.get("path"):
+        raise refusal("Upload an image (or pick a sample) first.")
+    path = Path(upload["path"])
+    return path, upload.get("orig_name") or path.name
+
+
+def load_upload(path: Path, name: str, max_pixels: int, tiling: bool) -> LoadedImage:
+    """The uploaded image; a page error saying why if it is unreadable or too large for one piece."""
+    try:
+        loaded = read_image(path)
+    except (ImageReadError, FileNotFoundError) as err:
+        reason = err.reason if isinstance(err, ImageReadError) else "the upload did not arrive"
+        raise refusal(f"Cannot read {name}: {reason}.") from None
+    height, width = loaded.rgb.shape[:2]
+    if height * width > max_pixels and not tiling:
+        raise refusal(f"{name} is {width}x{height} = {height * width:,} pixels, more than this demo's limit "
+                      f"of {max_pixels:,} in one piece. Set a tile size to enhance it in tiles, or upload a "
+                      "smaller image.")
+    return loaded
+
+
+def to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
+    """HxWx3 float array in [0, 1] -> (1, 3, H, W) tensor on ``device``."""
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].to(device)
+
+
+def to_array(img: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) tensor in [0, 1] -> HxWx3 float32 array."""
+    return img[0].permute(1, 2, 0).float().cpu().numpy()
+
+
+def tile_options(tile: int, pad_multiple: int) -> dict[str, int]:
+    """Keyword arguments of tiled enhancement (overlap: a quarter of the tile, at most 64 px), none for 0; a
+    page error for a size the model cannot tile with."""
+    if tile < 0 or tile % pad_multiple:
+        raise refusal(f"The tile size must be a multiple of {pad_multiple} (or 0 for no tiling), got {tile}.")
+    return {"tile": tile, "tile_overlap": min(MAX_TILE_OVERLAP, tile // 4)} if tile else {}
+
+
+def make_enhance_fn(model: AnlightenDiff, defaults: SamplerConfig,
+                    max_pixels: int) -> Callable[..., EnhanceResult]:
+    """The page's handler: (upload, sampler, steps, tile) -> ((before, after), anchor, PNG path). It gets the
+    page's raw values (``preprocess=False``), so that read_image, not gradio, decodes and judges the file."""
+    timesteps, pad_multiple = model.config.diffusion.timesteps, model.config.diffusion.pad_multiple
+    outputs = tempfile.TemporaryDirectory(prefix="anlightendiff-demo-")  # removed when the server exits
+
+    def enhance_upload(upload: dict[str, Any] | None, sampler: str, steps: float, tile: float | None,
+                       progress: gr.Progress = gr.Progress()) -> EnhanceResult:  # noqa: B008 - gradio's idiom
+        path, name = upload_path(upload)
+        tiling = tile_options(int(tile or 0), pad_multiple)
+        loaded = load_upload(path, name, max_pixels, tiling=bool(tiling))
+        try:
+            config = checked_sampler(defaults, sampler, int(steps), timesteps)
+        except UserError as err:
+            raise refusal(str(err)) from None
+        progress(0, desc="sampling")
+        result = model.enhance(to_tensor(loaded.rgb, model.device), config,
+                               callback=lambda i, n: progress((i, n), desc="sampling"), **tiling)
+        image, anchor = to_array(result.image), to_array(result.anchor)
+        target = Path(tempfile.mkdtemp(dir=outputs.name)) / f"{Path(name).stem}_enhanced.png"
+        save_png(target, image, loaded.alpha)
+        return (loaded.rgb, image), anchor, str(target)
+
+    return enhance_upload
+
+
+def steps_control(sampler: str, timesteps: int) -> dict:
+    """ddpm always runs every timestep: lock the steps slider there; ddim may choose."""
+    if sampler == "ddpm":
+        return gr.update(value=timesteps, interactive=False)
+    return gr.update(interactive=True)
+
+
+def build_app(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
+              samples: Sequence[Path] = ()) -> gr.Blocks:
+    """The page: upload or sample, sampler controls (``defaults``: a valid sampler for ``model``),
+    before/after slider, anchor, PNG download."""
+    timesteps, pad_multiple = model.config.diffusion.timesteps, model.config.diffusion.pad_multiple
+    with gr.Blocks(title="AnlightenDiff", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown("# AnlightenDiff: low-light image enhancement\nUpload a dark photo (or pick a sample), "
+                    "press **Enhance**, drag the slider to compare, and download the full-resolution PNG.")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.Image(label="Low-light image", type="filepath", image_mode=None,
+                                  sources=["upload", "clipboard"], height=IMAGE_HEIGHT, elem_id="upload")
+                if samples:
+                    gr.Examples([[str(p)] for p in samples], inputs=[upload], label="Samples")
+                sampler = gr.Radio(["ddim", "ddpm"], value=defaults.sampler, label="Sampler",
+                                   info="ddim: few steps, fast; ddpm: the paper's sampler, all timesteps")
+                steps = gr.Slider(1, timesteps, value=defaults.steps, step=1, label="Sampling steps",
+                                  interactive=defaults.sampler == "ddim")
+                tile = gr.Number(0, precision=0, minimum=0, step=pad_multiple,
+                                 label="Tile size (pixels, 0 = off)",
+                                 info=f"A multiple of {pad_multiple}: enhance in overlapping tiles of this "
+                                      f"size (needed above {max_pixels:,} pixels)")
+                run = gr.Button("Enhance", variant="primary", elem_id="enhance")
+            with gr.Column():
+                compare = gr.ImageSlider(label="Before / after", format="png", max_height=2 * IMAGE_HEIGHT,
+                                         elem_id="compare")
+                anchor = gr.Image(label="Anchor (the model's colour and brightness guide)", format="png",
+                                  height=IMAGE_HEIGHT, elem_id="anchor")
+                download = gr.DownloadButton("Download PNG (full resolution)", elem_id="download")
+        sampler.change(lambda name: steps_control(name, timesteps), sampler, steps)
+        run.click(make_enhance_fn(model, defaults, max_pixels), [upload, sampler, steps, tile],
+                  [compare, anchor, download], api_name="enhance", concurrency_limit=1, preprocess=False)
+    return app.queue(default_concurrency_limit=1)
+
+
+def launch(app: gr.Blocks, host: str, port: int, samples_dir: Path, block: bool = True) -> str:
+    """Start serving ``app`` (returns its URL); ``block`` waits until interrupted."""
+    _, url, _ = app.launch(server_name=host, server_port=port, allowed_paths=[str(samples_dir)],
+                           prevent_thread_lock=not block, show_error=True, quiet=not block)
+    return url
+
+
+def load_model(ckpt: str | None, device: torch.device) -> AnlightenDiff:
+    """The checkpoint (default: the bundled one) on ``device``, prepared for fast inference."""
+    model = load_checkpoint(resolve_checkpoint(ckpt), map_location=device)
+    return prepare_for_inference(model, device)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    model = load_model(args.ckpt, device)
+    base = dataclasses.replace(DEMO_SAMPLER, eta=args.eta, seed=args.seed)
+    defaults = checked_sampler(base, args.sampler, args.steps, model.config.diffusion.timesteps)
+    samples = sample_images(args.samples)
+    app = build_app(model, defaults, args.max_pixels, samples)
+    print(f"{len(samples)} sample image(s) from {args.samples}; Ctrl+C stops the server")
+    launch(app, args.host, args.port, args.samples)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, (CheckpointError, OSError)))

@@ -1,0 +1,183 @@
+"""The web demo (demo.py): its handler over HTTP with gradio_client, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+DEMO_PACKAGES = "needs the demo's packages: pip install -r requirements-demo.txt"
+pytest.importorskip("gradio", reason=DEMO_PACKAGES)
+gradio_client = pytest.importorskip("gradio_client", reason=DEMO_PACKAGES)
+AppError = gradio_client.exceptions.AppError
+
+import demo  # noqa: E402
+from models import AnlightenDiff, CheckpointError  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
+from utils.config import SamplerConfig, config_from_dict  # noqa: E402
+
+TINY = {"model": {"unet_dim": 8, "dim_mults": [1, 2, 2]}, "diffusion": {"timesteps": 10, "pad_multiple": 8},
+        "sampler": {"sampler": "ddim", "steps": 2}}
+FAST = SamplerConfig(sampler="ddim", steps=2, eta=0.0, seed=0)
+MAX_PIXELS = 24 * 24
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")  # pandas 3 vs gradio
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> AnlightenDiff:
+    """A tiny random model, loaded from a checkpoint file as demo.py loads one."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    module = AnlightenDiff(config_from_dict(TINY))
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return demo.load_model(str(path), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A samples folder with two small dark images (PNG and JPEG)."""
+    folder = tmp_path_factory.mktemp("samples")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((20, 24, 3)) * 60).astype(np.uint8)).save(folder / "dark.png")
+    Image.fromarray((rng.random((16, 16, 3)) * 60).astype(np.uint8)).save(folder / "dusk.jpg")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model: AnlightenDiff, samples: Path) -> Iterator[str]:
+    """The demo served on 127.0.0.1 at a free port; yields its URL."""
+    app = demo.build_app(model, FAST, MAX_PIXELS, demo.sample_images(samples))
+    url = demo.launch(app, "127.0.0.1", free_port(), samples, block=False)
+    yield url
+    app.close()
+
+
+def enhance(url: str, path: Path, tile: int = 0) -> tuple:
+    client = gradio_client.Client(url, verbose=False)
+    return client.predict(gradio_client.handle_file(str(path)), "ddim", 2, tile, api_name="/enhance")
+
+
+def assert_brightened(low_path: Path, out_path: str | Path) -> None:
+    """Same size, and no darker anywhere (the model adds a residual in [0, 1]), brighter on average."""
+    low = np.asarray(Image.open(low_path).convert("RGB"), dtype=np.int16)
+    out = np.asarray(Image.open(out_path), dtype=np.int16)
+    assert out.shape == low.shape
+    assert (out >= low).all()
+    assert out.mean() > low.mean() + 10
+
+
+def test_enhance_over_http(server: str, samples: Path) -> None:
+    (before, after), anchor, png = enhance(server, samples / "dark.png")
+    assert Path(png).name == "dark_enhanced.png"
+    assert_brightened(samples / "dark.png", png)
+    assert_brightened(samples / "dark.png", after)
+    assert np.array_equal(np.asarray(Image.open(before)), np.asarray(Image.open(samples / "dark.png")))
+    assert Image.open(anchor).size == Image.open(samples / "dark.png").size
+
+
+def test_unreadable_upload_gets_a_message(server: str, tmp_path: Path) -> None:
+    fake = tmp_path / "holiday.png"
+    fake.write_text("not an image")
+    with pytest.raises(AppError, match="Cannot read holiday.png: not a recognised image"):
+        enhance(server, fake)
+
+
+def test_oversized_upload_needs_tiling(server: str, tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    Image.fromarray(np.full((30, 30, 3), 20, np.uint8)).save(big)
+    with pytest.raises(AppError, match="900 pixels, more than this demo's limit of 576"):
+        enhance(server, big)
+
+
+def test_tiling_lifts_the_size_limit(server: str, tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    Image.fromarray((np.random.default_rng(1).random((30, 30, 3)) * 60).astype(np.uint8)).save(big)
+    _, _, png = enhance(server, big, tile=16)
+    assert_brightened(big, png)
+    with pytest.raises(AppError, match="tile size must be a multiple of 8"):
+        enhance(server, big, tile=12)
+
+
+def test_progress_follows_the_sampling_steps(model: AnlightenDiff, samples: Path) -> None:
+    seen: list[tuple[int, int]] = []
+    handler = demo.make_enhance_fn(model, FAST, MAX_PIXELS)
+    upload = {"path": str(samples / "dusk.jpg"), "orig_name": "dusk.jpg"}
+    handler(upload, "ddim", 2, 0, progress=lambda value, desc: seen.append(value))
+    assert seen == [0, (1, 2), (2, 2)]
+
+
+def test_ddpm_locks_the_steps_at_every_timestep() -> None:
+    assert demo.steps_control("ddpm", 10) == {"__type__": "update", "value": 10, "interactive": False}
+    assert demo.steps_control("ddim", 10) == {"__type__": "update", "interactive": True}
+
+
+def test_one_enhancement_at_a_time(model: AnlightenDiff) -> None:
+    app = demo.build_app(model, FAST)
+    enhance_fn = next(fn for fn in app.fns.values() if fn.api_name == "enhance")
+    assert enhance_fn.concurrency_limit == 1
+
+
+def test_missing_or_empty_samples_folder(tmp_path: Path) -> None:
+    assert demo.sample_images(tmp_path / "absent") == []
+    assert demo.sample_images(tmp_path) == []
+
+
+def test_every_flag_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    flags = ("--ckpt", "--host", "--port", "--device", "--max-pixels", "--samples", "--sampler", "--steps")
+    assert all(flag in text for flag in flags)
+
+
+def test_missing_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_cli(demo.main, (CheckpointError,), ["--ckpt", str(tmp_path / "none.ckpt")])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: checkpoint not found")
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    """Where the browser test leaves its screenshot: $ANLIGHTENDIFF_ARTIFACTS, else the test's tmp dir."""
+    folder = Path(os.environ.get("ANLIGHTENDIFF_ARTIFACTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: bash .ci/install_browser.sh")
+def test_page_in_headless_chromium(server: str, samples: Path, artifacts: Path, tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason=DEMO_PACKAGES)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            tmp_path / "profile", executable_path=CHROMIUM, args=CHROMIUM_ARGS, accept_downloads=True)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(server)
+            page.locator("#upload input[type=file]").set_input_files(samples / "dark.png")
+            page.click("#enhance")
+            page.locator("#compare img").first.wait_for()
+            page.screenshot(path=artifacts / "demo_page.png", full_page=True)
+            with page.expect_download() as download:
+                page.click("#download")
+            download.value.save_as(tmp_path / download.value.suggested_filename)
+        finally:
+            browser.close()
+    assert_brightened(samples / "dark.png", tmp_path / "dark_enhanced.png")
