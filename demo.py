@@ -20,7 +20,7 @@ import torch
 from models import AnlightenDiff, CheckpointError, load_checkpoint, resolve_checkpoint
 from models.inference import prepare_for_inference
 from utils.cli import UserError, add_inference_args, resolve_device, run_cli, sampler_from_args
-from utils.config import SamplerConfig
+from utils.config import FAST_SAMPLER, SamplerConfig
 from utils.image_io import ImageReadError, LoadedImage, list_images, read_image, save_png
 
 try:
@@ -28,7 +28,6 @@ try:
 except ImportError:  # the demo's packages are optional: say how to get them instead of a traceback
     raise SystemExit("error: the demo needs gradio: pip install -r requirements-demo.txt") from None
 
-DEMO_SAMPLER = SamplerConfig(sampler="ddim", steps=20, eta=0.0, seed=0)
 DEFAULT_MAX_PIXELS = 1024 * 1024
 IMAGE_HEIGHT = 280
 MAX_TILE_OVERLAP = 64
@@ -49,7 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"refused unless tiling is on (default: {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--samples", type=Path, default=SAMPLES_DIR,
                         help="folder of sample images offered on the page (default: samples/ beside demo.py)")
-    add_inference_args(parser, DEMO_SAMPLER)
+    add_inference_args(parser, FAST_SAMPLER)
     args = parser.parse_args(argv)
     if args.max_pixels < 1:
         parser.error(f"--max-pixels must be positive, got {args.max_pixels}")
@@ -203,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     model = load_model(args.ckpt, device)
-    base = dataclasses.replace(DEMO_SAMPLER, eta=args.eta, seed=args.seed)
+    base = dataclasses.replace(FAST_SAMPLER, eta=args.eta, seed=args.seed)
     defaults = checked_sampler(base, args.sampler, args.steps, model.config.diffusion.timesteps)
     samples = sample_images(args.samples)
     app = build_app(model, defaults, args.max_pixels, samples)

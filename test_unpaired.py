@@ -14,10 +14,9 @@ from tqdm import tqdm
 
 from models import CheckpointError, load_checkpoint, resolve_checkpoint
 from utils.cli import UserError, add_inference_args, ensure_output_dir, resolve_device, run_cli, sampler_from_args
-from utils.config import SamplerConfig
+from utils.config import FAST_SAMPLER
 from utils.image_io import ImageReadError, list_images, read_image, save_grid, save_png
 
-FAST_SAMPLER = SamplerConfig(sampler="ddim", steps=20, eta=0.0, seed=0)
 DEFAULT_MAX_PIXELS = 4096 * 1024
 """Largest image (width x height) enhanced in one piece by default: its activations alone take several GB."""
 

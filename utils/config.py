@@ -62,6 +62,11 @@ class SamplerConfig:
     seed: int | None = 0
 
 
+FAST_SAMPLER = SamplerConfig(sampler="ddim", steps=10, eta=0.0, seed=0)
+"""The default of test_unpaired.py and the demo: DDIM, 10 steps. With the bundled checkpoint it measured
+10.95 dB / LPIPS 0.608 on held-out LOL pairs against 10.80 dB / 0.605 with 20 steps (README)."""
+
+
 @dataclass
 class OptimConfig:
     """Loss and optimisation of the LightningModule."""
