@@ -17,30 +17,28 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as python bench/speed.py
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import dataclasses  # noqa: E402
-import gc  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import copy
+import dataclasses
+import gc
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
-from data.datasets import pair_files  # noqa: E402
-from models import CheckpointError, build_networks, load_checkpoint  # noqa: E402
-from models.anchor import condition_features  # noqa: E402
-from models.inference import (  # noqa: E402
+from data.datasets import pair_files
+from models import CheckpointError, build_networks, load_checkpoint
+from models.anchor import condition_features
+from models.inference import (
     FAST_SAMPLER,
     bf16_supported,
     encode,
@@ -52,12 +50,12 @@ from models.inference import (  # noqa: E402
     sample,
     tile_boxes,
 )
-from models.samplers import make_sampler  # noqa: E402
-from utils.cli import UserError, resolve_device, run_cli  # noqa: E402
-from utils.config import Config, ConfigError, load_config  # noqa: E402
-from utils.image_io import ImageReadError, read_image  # noqa: E402
-from utils.lpips import build_lpips, lpips_available  # noqa: E402
-from utils.metrics import image_metrics, to_uint8  # noqa: E402
+from models.samplers import make_sampler
+from utils.cli import UserError, resolve_device, run_cli
+from utils.config import Config, ConfigError, load_config
+from utils.image_io import ImageReadError, read_image
+from utils.lpips import build_lpips, lpips_available
+from utils.metrics import image_metrics, to_uint8
 
 GIB = 1024**3
 
