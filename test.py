@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from data.datamodule import datamodule_from_config
 from models import CheckpointError, load_checkpoint, resolve_checkpoint
+from models.inference import prepare_for_inference
 from utils.cli import UserError, add_inference_args, ensure_output_dir, resolve_device, run_cli, sampler_from_args
 from utils.config import ConfigError, load_config
 from utils.image_io import ImageReadError, atomic_write, read_image, save_png
@@ -112,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_image(path)  # an unreadable image is refused before anything is computed or written
     device = resolve_device(args.device)
     ckpt = resolve_checkpoint(args.ckpt)
-    model = load_checkpoint(ckpt, map_location=device).to(device)
+    model = prepare_for_inference(load_checkpoint(ckpt, map_location=device), device)
     sampler = sampler_from_args(args, config.sampler, model.config.diffusion.timesteps)
     lpips_model = build_lpips("alex", device=device) if lpips_available("alex") else None
     if lpips_model is None:

@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models import CheckpointError, load_checkpoint, resolve_checkpoint
+from models.inference import prepare_for_inference
 from utils.cli import UserError, add_inference_args, ensure_output_dir, resolve_device, run_cli, sampler_from_args
 from utils.config import FAST_SAMPLER
 from utils.image_io import ImageReadError, list_images, read_image, save_grid, save_png
@@ -36,6 +37,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="refuse (before anything runs) images of more than N pixels, which need too much memory "
                              f"in one piece, unless tiling (--tile) is on (default: {DEFAULT_MAX_PIXELS:,})")
     add_inference_args(parser, FAST_SAMPLER)
+    parser.add_argument("--tile", type=int, metavar="SIZE",
+                        help="enhance in overlapping SIZE x SIZE tiles with blended seams (bounded memory for large "
+                             "photos; SIZE a multiple of the model's padding, e.g. 768)")
+    parser.add_argument("--tile-overlap", type=int, default=64, metavar="PX",
+                        help="overlap between neighbouring tiles in pixels (default 64)")
     return parser.parse_args(argv)
 
 
@@ -81,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = list_images(args.input)
     if not files:
         raise UserError(f"no images found in {' '.join(args.input)}")
-    if not getattr(args, "tile", None):
+    if not args.tile:
         check_sizes(files, args.max_pixels)
     targets = output_paths(args.input, files, output)
     existing = [str(t) for t in targets.values() if t.exists()]
@@ -89,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}); pass --overwrite "
                         "to replace them or choose another --output")
     device = resolve_device(args.device)
-    model = load_checkpoint(resolve_checkpoint(args.ckpt), map_location=device).to(device)
+    model = prepare_for_inference(load_checkpoint(resolve_checkpoint(args.ckpt), map_location=device), device)
     sampler = sampler_from_args(args, FAST_SAMPLER, model.config.diffusion.timesteps)
     if args.grid and Path(args.grid).exists() and not args.overwrite:
         raise UserError(f"--grid {args.grid} already exists; pass --overwrite to replace it")
@@ -103,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures += 1
             continue
         img = torch.from_numpy(loaded.rgb).permute(2, 0, 1)[None].to(device)
-        result = model.enhance(img, sampler)
+        result = model.enhance(img, sampler, tile=args.tile, tile_overlap=args.tile_overlap)
         enhanced, anchor = (np.clip(t[0].permute(1, 2, 0).float().cpu().numpy(), 0, 1)
                             for t in (result.image, result.anchor))
         save_png(targets[file], enhanced, loaded.alpha, overwrite=args.overwrite)

@@ -1,7 +1,7 @@
 """Inference speed of each optimisation and sampler on this machine, and quality vs steps with a checkpoint.
 
     python bench/speed.py [--ckpt PATH] [--size 600x400] [--device auto] [--steps 5,10,20] [--quick]
-                          [--pairs DIR] [--tile 512] [--compile] [--bf16] [section.key=value ...]
+                          [--pairs DIR] [--tile 768] [--compile] [--bf16] [section.key=value ...]
 
 Without --ckpt the model is built from the config (paper size by default) with random weights; speed does
 not depend on the weights. Prints, per optimisation setting, the anchor encoder's time, the time of one
@@ -39,7 +39,6 @@ from data.datasets import pair_files
 from models import CheckpointError, build_networks, load_checkpoint
 from models.anchor import condition_features
 from models.inference import (
-    FAST_SAMPLER,
     bf16_supported,
     encode,
     enhance,
@@ -52,7 +51,7 @@ from models.inference import (
 )
 from models.samplers import make_sampler
 from utils.cli import UserError, resolve_device, run_cli
-from utils.config import Config, ConfigError, load_config
+from utils.config import FAST_SAMPLER, Config, ConfigError, load_config
 from utils.image_io import ImageReadError, read_image
 from utils.lpips import build_lpips, lpips_available
 from utils.metrics import image_metrics, to_uint8
@@ -355,7 +354,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--steps", default="5,10,20", help="DDIM step counts to time (default 5,10,20)")
     parser.add_argument("--fast-steps", type=int, default=FAST_SAMPLER.steps,
-                        help=f"DDIM steps of the default fast setting (default {FAST_SAMPLER.steps})")
+                        help=f"DDIM steps of the default fast setting (default: the project's FAST_SAMPLER, "
+                             f"{FAST_SAMPLER.steps})")
     parser.add_argument("--quick", action="store_true", help="faithful and default settings only, one timed "
                         "round of 2 steps, DDPM-T estimated, only the default fast sampler timed end to end "
                         "(--pairs still compares every --steps)")

@@ -42,11 +42,8 @@ from models.anchor import AnchorEncoder, condition_features
 from models.diffusion import GaussianDiffusion
 from models.samplers import DDIMSampler, DDPMSampler, make_sampler
 from models.unet import UNetBackbone
-from utils.config import SamplerConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-FAST_SAMPLER = SamplerConfig(sampler="ddim", steps=4, eta=0.0, seed=0)
-"""The default fast setting measured by bench/speed.py (provisional step count: set from quality figures)."""
 
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 """Standard-normal noise shaped like its argument, for one stochastic sampler step."""

@@ -167,3 +167,19 @@ def test_test_unpaired_errors_are_one_line(tmp_path, tiny_ckpt, capsys, argv, me
     code = run_cli(test_unpaired.main, test_unpaired.USER_ERRORS, argv)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_test_unpaired_tiles_large_images(tmp_path, tiny_ckpt):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    Image.fromarray((np.random.default_rng(3).random((20, 28, 3)) * 50).astype(np.uint8)).save(inputs / "big.png")
+    base = ["--input", str(inputs), "--ckpt", str(tiny_ckpt), "--steps", "2", "--max-pixels", "100"]
+    with pytest.raises(UserError, match="--tile"):
+        test_unpaired.main([*base, "--output", str(out)])
+    assert not out.exists()
+    assert test_unpaired.main([*base, "--output", str(out), "--tile", "16", "--tile-overlap", "4"]) == 0
+    tiled = np.asarray(Image.open(out / "big.png"))
+    assert tiled.shape == (20, 28, 3)
+    assert (tiled.astype(int) >= np.asarray(Image.open(inputs / "big.png")).astype(int) - 1).all()
+    with pytest.raises(ValueError, match="multiple"):
+        test_unpaired.main([*base, "--output", str(tmp_path / "o2"), "--tile", "15"])
