@@ -13,6 +13,10 @@ sys.path.insert(0, str(ROOT))
 
 from utils.config import Config, config_from_dict  # noqa: E402
 
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads stall on each
+# other (measured ~10x slower): run the in-process tests single-threaded.
+torch.set_num_threads(1)
+
 TINY = {
     "model": {"unet_dim": 8, "dim_mults": [1, 2, 2]},
     "diffusion": {"timesteps": 10, "pad_multiple": 8},

@@ -551,12 +551,17 @@ def with_callbacks(monkeypatch: pytest.MonkeyPatch, *extra: Callback) -> None:
 
 
 def logged(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of a scalar over all TensorBoard event files of a run folder, in order."""
+    """(step, value) of a scalar over all TensorBoard event files of a run folder, sorted by step.
+
+    Sorted here because the reader visits event files in name order, and a name ends in a per-process writer
+    counter that sorts as text ("10" before "9"), so a resumed run's file can be read before the first one's.
+    The sort is stable: a step logged twice stays twice.
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
-    return [(e.step, e.value) for e in accumulator.Scalars(tag)]
+    return sorted(((e.step, e.value) for e in accumulator.Scalars(tag)), key=lambda pair: pair[0])
 
 
 def final_state(run_dir: Path) -> dict[str, Any]:
