@@ -19,7 +19,7 @@ import torch
 
 from models import AnlightenDiff, CheckpointError, load_checkpoint, resolve_checkpoint
 from models.inference import prepare_for_inference
-from utils.cli import UserError, add_inference_args, resolve_device, run_cli, sampler_from_args
+from utils.cli import UserError, add_inference_args, check_precision, resolve_device, run_cli, sampler_from_args
 from utils.config import FAST_SAMPLER, SamplerConfig
 from utils.image_io import ImageReadError, LoadedImage, list_images, read_image, save_png
 
@@ -116,8 +116,8 @@ def tile_options(tile: int, pad_multiple: int) -> dict[str, int]:
     return {"tile": tile, "tile_overlap": min(MAX_TILE_OVERLAP, tile // 4)} if tile else {}
 
 
-def make_enhance_fn(model: AnlightenDiff, defaults: SamplerConfig,
-                    max_pixels: int) -> Callable[..., EnhanceResult]:
+def make_enhance_fn(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: int,
+                    precision: str = "fp32") -> Callable[..., EnhanceResult]:
     """The page's handler: (upload, sampler, steps, tile) -> ((before, after), anchor, PNG path). It gets the
     page's raw values (``preprocess=False``), so that read_image, not gradio, decodes and judges the file."""
     timesteps, pad_multiple = model.config.diffusion.timesteps, model.config.diffusion.pad_multiple
@@ -133,7 +133,7 @@ def make_enhance_fn(model: AnlightenDiff, defaults: SamplerConfig,
         except UserError as err:
             raise refusal(str(err)) from None
         progress(0, desc="sampling")
-        result = model.enhance(to_tensor(loaded.rgb, model.device), config,
+        result = model.enhance(to_tensor(loaded.rgb, model.device), config, precision=precision,
                                callback=lambda i, n: progress((i, n), desc="sampling"), **tiling)
         image, anchor = to_array(result.image), to_array(result.anchor)
         target = Path(tempfile.mkdtemp(dir=outputs.name)) / f"{Path(name).stem}_enhanced.png"
@@ -151,9 +151,9 @@ def steps_control(sampler: str, timesteps: int) -> dict:
 
 
 def build_app(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
-              samples: Sequence[Path] = ()) -> gr.Blocks:
+              samples: Sequence[Path] = (), precision: str = "fp32") -> gr.Blocks:
     """The page: upload or sample, sampler controls (``defaults``: a valid sampler for ``model``),
-    before/after slider, anchor, PNG download."""
+    before/after slider, anchor, PNG download; the networks run at ``precision``."""
     timesteps, pad_multiple = model.config.diffusion.timesteps, model.config.diffusion.pad_multiple
     with gr.Blocks(title="AnlightenDiff", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown("# AnlightenDiff: low-light image enhancement\nUpload a dark photo (or pick a sample), "
@@ -180,7 +180,7 @@ def build_app(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: int = D
                                   height=IMAGE_HEIGHT, elem_id="anchor")
                 download = gr.DownloadButton("Download PNG (full resolution)", elem_id="download")
         sampler.change(lambda name: steps_control(name, timesteps), sampler, steps)
-        run.click(make_enhance_fn(model, defaults, max_pixels), [upload, sampler, steps, tile],
+        run.click(make_enhance_fn(model, defaults, max_pixels, precision), [upload, sampler, steps, tile],
                   [compare, anchor, download], api_name="enhance", concurrency_limit=1, preprocess=False)
     return app.queue(default_concurrency_limit=1)
 
@@ -201,11 +201,12 @@ def load_model(ckpt: str | None, device: torch.device) -> AnlightenDiff:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    precision = check_precision(args.precision, device)
     model = load_model(args.ckpt, device)
     base = dataclasses.replace(FAST_SAMPLER, eta=args.eta, seed=args.seed)
     defaults = checked_sampler(base, args.sampler, args.steps, model.config.diffusion.timesteps)
     samples = sample_images(args.samples)
-    app = build_app(model, defaults, args.max_pixels, samples)
+    app = build_app(model, defaults, args.max_pixels, samples, precision)
     print(f"{len(samples)} sample image(s) from {args.samples}; Ctrl+C stops the server")
     launch(app, args.host, args.port, args.samples)
     return 0

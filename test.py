@@ -21,7 +21,15 @@ from tqdm import tqdm
 from data.datamodule import datamodule_from_config
 from models import CheckpointError, load_checkpoint, resolve_checkpoint
 from models.inference import prepare_for_inference
-from utils.cli import UserError, add_inference_args, ensure_output_dir, resolve_device, run_cli, sampler_from_args
+from utils.cli import (
+    UserError,
+    add_inference_args,
+    check_precision,
+    ensure_output_dir,
+    resolve_device,
+    run_cli,
+    sampler_from_args,
+)
 from utils.config import ConfigError, load_config
 from utils.image_io import ImageReadError, atomic_write, read_image, save_png
 from utils.lpips import build_lpips, lpips_available, missing_weights_message
@@ -112,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in (path for pair in dataset.pairs for path in pair):
         read_image(path)  # an unreadable image is refused before anything is computed or written
     device = resolve_device(args.device)
+    precision = check_precision(args.precision, device)
     ckpt = resolve_checkpoint(args.ckpt)
     model = prepare_for_inference(load_checkpoint(ckpt, map_location=device), device)
     sampler = sampler_from_args(args, config.sampler, model.config.diffusion.timesteps)
@@ -123,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for index in tqdm(range(len(dataset)), desc="testing", unit="image"):
         item = dataset[index]
-        result = model.enhance(item["low"][None].to(device), sampler)
+        result = model.enhance(item["low"][None].to(device), sampler, precision=precision)
         out_u8 = to_uint8(result.image[0].float().cpu(), mode=mode)
         gt_u8 = to_uint8(item["high"])  # the file's exact bytes: round-trips through float
         save_png(output / f"{Path(item['name']).stem}.png", out_u8, overwrite=args.overwrite)
@@ -134,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "lpips_note": None if lpips_model else missing_weights_message("alex").splitlines()[0],
                "protocol": "reference" if args.reference_protocol else "fixed",
                "sampler": dataclasses.asdict(sampler),
+               "precision": precision,
                "checkpoint": {"path": str(ckpt), "sha256": sha256(ckpt)},
                "config": config.to_dict(), "model_config": model.config.to_dict(), "environment": environment()}
     write_reports(output, rows, summary, args.overwrite)

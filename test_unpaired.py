@@ -14,7 +14,15 @@ from tqdm import tqdm
 
 from models import CheckpointError, load_checkpoint, resolve_checkpoint
 from models.inference import prepare_for_inference
-from utils.cli import UserError, add_inference_args, ensure_output_dir, resolve_device, run_cli, sampler_from_args
+from utils.cli import (
+    UserError,
+    add_inference_args,
+    check_precision,
+    ensure_output_dir,
+    resolve_device,
+    run_cli,
+    sampler_from_args,
+)
 from utils.config import FAST_SAMPLER
 from utils.image_io import ImageReadError, list_images, read_image, save_grid, save_png
 
@@ -95,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}); pass --overwrite "
                         "to replace them or choose another --output")
     device = resolve_device(args.device)
+    precision = check_precision(args.precision, device)
     model = prepare_for_inference(load_checkpoint(resolve_checkpoint(args.ckpt), map_location=device), device)
     sampler = sampler_from_args(args, FAST_SAMPLER, model.config.diffusion.timesteps)
     if args.grid and Path(args.grid).exists() and not args.overwrite:
@@ -109,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures += 1
             continue
         img = torch.from_numpy(loaded.rgb).permute(2, 0, 1)[None].to(device)
-        result = model.enhance(img, sampler, tile=args.tile, tile_overlap=args.tile_overlap)
+        result = model.enhance(img, sampler, precision=precision, tile=args.tile, tile_overlap=args.tile_overlap)
         enhanced, anchor = (np.clip(t[0].permute(1, 2, 0).float().cpu().numpy(), 0, 1)
                             for t in (result.image, result.anchor))
         save_png(targets[file], enhanced, loaded.alpha, overwrite=args.overwrite)

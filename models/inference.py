@@ -42,8 +42,7 @@ from models.anchor import AnchorEncoder, condition_features
 from models.diffusion import GaussianDiffusion
 from models.samplers import DDIMSampler, DDPMSampler, make_sampler
 from models.unet import UNetBackbone
-
-PRECISIONS = ("fp32", "bf16", "fp16")
+from utils.config import PRECISIONS
 
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 """Standard-normal noise shaped like its argument, for one stochastic sampler step."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from utils.config import SamplerConfig
+from utils.config import PRECISIONS, SamplerConfig
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -113,6 +113,16 @@ def add_inference_args(parser: argparse.ArgumentParser, defaults: SamplerConfig 
     parser.add_argument("--seed", type=int, default=d and d.seed,
                         help="seed of the sampler's noise, for reproducible stochastic sampling")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="network arithmetic: fp32 (default, exact); bf16 or fp16 autocast, faster on CUDA "
+                             "GPUs (fp16 needs CUDA; bf16 is emulated and much slower on CPUs without native bf16)")
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """``precision`` if ``device`` can run it; a UserError for fp16 off CUDA."""
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"--precision fp16 needs a CUDA device, not {device.type}; use fp32 or bf16")
+    return precision
 
 
 def sampler_from_args(args: argparse.Namespace, base: SamplerConfig, timesteps: int) -> SamplerConfig:

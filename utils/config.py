@@ -52,6 +52,10 @@ class DiffusionConfig:
     pad_multiple: int = 32
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""Inference precisions: fp32, or autocast of the two networks to bf16/fp16 (the sampler stays fp32)."""
+
+
 @dataclass
 class SamplerConfig:
     """How images are sampled: ``ddpm`` is the paper's 100-step sampler, ``ddim`` the exact few-step one."""

@@ -1,0 +1,90 @@
+"""Regenerate docs/demo.png: serve the demo, enhance a bundled sample in headless Chromium, screenshot the page.
+
+    .venv/bin/python docs/demo_screenshot.py [--sample samples/lol_6.png] [--out docs/demo.png] [--overwrite]
+
+Needs requirements-demo.txt and Chromium (``bash .ci/install_browser.sh``). Uses the bundled checkpoint and
+the demo's default sampler, exactly what ``make web-demo`` shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import demo  # noqa: E402
+from utils.cli import UserError, ensure_output_dir, run_cli  # noqa: E402
+from utils.config import FAST_SAMPLER  # noqa: E402
+from utils.image_io import atomic_write  # noqa: E402
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Screenshot the web demo after it enhanced one sample.")
+    parser.add_argument("--sample", type=Path, default=ROOT / "samples" / "lol_6.png",
+                        help="image to upload (default: samples/lol_6.png)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "demo.png", help="PNG to write")
+    parser.add_argument("--width", type=int, default=1280, help="browser window width in px (default 1280)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return parser.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def screenshot(url: str, sample: Path, width: int) -> bytes:
+    """PNG bytes of the whole page once the before/after slider shows ``sample`` enhanced."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise UserError("Chromium not found: bash .ci/install_browser.sh")
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        browser = pw.chromium.launch_persistent_context(profile, executable_path=chromium, args=CHROMIUM_ARGS,
+                                                        viewport={"width": width, "height": 900})
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(300_000)
+            page.goto(url)
+            page.locator("#upload input[type=file]").set_input_files(sample)
+            page.click("#enhance")
+            page.locator("#compare img").first.wait_for()
+            page.locator("#anchor img").first.wait_for()
+            return page.screenshot(full_page=True)
+        finally:
+            browser.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.sample.is_file():
+        raise UserError(f"sample not found: {args.sample}")
+    if args.out.exists() and not args.overwrite:
+        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    ensure_output_dir(args.out.parent, "--out")
+    model = demo.load_model(None, demo.resolve_device("cpu"))
+    app = demo.build_app(model, FAST_SAMPLER, demo.DEFAULT_MAX_PIXELS, demo.sample_images(demo.SAMPLES_DIR))
+    url = demo.launch(app, "127.0.0.1", free_port(), demo.SAMPLES_DIR, block=False)
+    try:
+        png = screenshot(url, args.sample, args.width)
+    finally:
+        app.close()
+    atomic_write(args.out, lambda tmp: tmp.write_bytes(png))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, (), sys.argv[1:]))
