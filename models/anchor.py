@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn.utils import parametrize
 from torchmetrics.functional.image import image_gradients
 from torchvision.transforms.functional import equalize
 
@@ -43,13 +44,27 @@ class AnchorEncoder(UNetBackbone):
     """Maps the condition features to the anchor phi and the per-level feature maps.
 
     With ``on_res`` (the reference) the anchor is the equalised image plus the network's output.
+    ``zero_residual`` starts that output at zero (the output conv's weight-norm magnitude and bias), so the
+    untrained anchor is exactly the equalised image; the reference's random output adds a strong colour cast,
+    which a frozen encoder (``train_encoder: false``) keeps for good.
     """
 
     def __init__(self, *, dim: int, dim_mults: Sequence[int], in_dim: int = 12, out_dim: int = 3,
-                 on_res: bool = True, **kwargs):
+                 on_res: bool = True, zero_residual: bool = False, **kwargs):
         super().__init__(in_dim=in_dim, out_dim=out_dim, dim=dim, dim_mults=dim_mults,
                          concat_features=False, **kwargs)
         self.on_res = on_res
+        if zero_residual:
+            self._zero_output()
+
+    @torch.no_grad()
+    def _zero_output(self) -> None:
+        conv = self.final_conv[-1]
+        if parametrize.is_parametrized(conv, "weight"):
+            conv.parametrizations.weight.original0.zero_()  # weight norm's g: weight = g * v / |v| = 0
+        else:
+            conv.weight.zero_()
+        conv.bias.zero_()
 
     def forward(self, img_lr: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """img_lr (B, 3, H, W) in [0, 1] -> (anchor (B, 3, H, W), about [0, 1] and not clamped, as the

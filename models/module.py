@@ -29,7 +29,7 @@ def build_networks(config: Config) -> tuple[AnchorEncoder, GaussianDiffusion]:
     unet = NoiseUNet(in_dim=m.in_dim, out_dim=m.unet_outdim, stronger_cond=m.stronger_cond,
                      use_wn=m.use_wn, **shared)
     encoder = AnchorEncoder(in_dim=m.cond_in_dim, out_dim=m.unet_outdim, on_res=m.cond_on_res,
-                            use_wn=m.cond_use_wn, **shared)
+                            zero_residual=m.cond_zero_residual, use_wn=m.cond_use_wn, **shared)
     diffusion = GaussianDiffusion(unet, timesteps=d.timesteps, beta_schedule_name=d.beta_schedule,
                                   use_center=d.use_center, use_center_sampler=d.use_center_sampler,
                                   clip_denoised=d.clip_denoised)

@@ -5,7 +5,7 @@ from PIL import Image, ImageOps
 
 from models.anchor import color_map, condition_features, equalized, grad_map
 from models.module import build_networks
-from utils.config import Config
+from utils.config import Config, ConfigError, config_from_dict
 
 
 def test_faithful_parameter_counts():
@@ -70,3 +70,24 @@ def test_weight_norm_switch(tiny_config, use_wn):
     _, diffusion = build_networks(tiny_config)
     has = any("parametrizations" in k for k in diffusion.unet.state_dict())
     assert has == use_wn
+
+
+@pytest.mark.parametrize("use_wn", [True, False])
+def test_zero_residual_anchor_is_the_equalised_image_and_stays_trainable(tiny_config, use_wn):
+    img = torch.rand(1, 3, 16, 16) * 0.3
+    tiny_config.model.cond_use_wn = use_wn
+    random_encoder, _ = build_networks(tiny_config)
+    assert not torch.allclose(random_encoder(img)[0], equalized(img), atol=1e-3)  # the reference's init
+    tiny_config.model.cond_zero_residual = True
+    encoder, _ = build_networks(tiny_config)
+    center, _ = encoder(img)
+    assert torch.equal(center, equalized(img))
+    center.square().sum().backward()
+    conv = encoder.final_conv[-1]
+    scale = conv.parametrizations.weight.original0 if use_wn else conv.weight
+    assert scale.grad.abs().sum() > 0 and conv.bias.grad.abs().sum() > 0  # train_encoder can still move it
+
+
+def test_zero_residual_needs_the_residual_anchor():
+    with pytest.raises(ConfigError, match="cond_zero_residual needs model.cond_on_res"):
+        config_from_dict({"model": {"cond_zero_residual": True, "cond_on_res": False}})
