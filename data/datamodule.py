@@ -5,6 +5,7 @@ Batches are dicts ``{"low": float32 Bx3xHxW in [0, 1], "high": same, "name": lis
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -177,8 +178,18 @@ class LowLightDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_pairs,
+            worker_init_fn=leave_signals_to_main_process,
             **kwargs,
         )
+
+
+def leave_signals_to_main_process(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM: a signal sent to the whole process group (Ctrl-C in a
+    terminal, Slurm or ``kill -- -PGID`` at the end of a job) reaches the main process, which finishes its step,
+    saves ``last.ckpt`` and shuts the workers down; a killed worker would crash the step instead. Workers still
+    exit on their own when the main process dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _sub_seed(seed: int, index: int) -> int:

@@ -711,12 +711,13 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(wor
 
 
 # ----------------------------------------------------------------------------------------------- real processes
-def start(argv: list[str], logs: Path) -> subprocess.Popen:
-    """A script as a user starts it; its output goes to files (a full pipe would stall it)."""
+def start(argv: list[str], logs: Path, own_group: bool = False) -> subprocess.Popen:
+    """A script as a user starts it; its output goes to files (a full pipe would stall it). ``own_group``: in a
+    new session, whose process group (the script and its DataLoader workers) can be signalled as a whole."""
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=(logs / "out.txt").open("w"),
-                            stderr=(logs / "err.txt").open("w"))
+                            stderr=(logs / "err.txt").open("w"), start_new_session=own_group)
 
 
 def finish(proc: subprocess.Popen, logs: Path, timeout: float = 300) -> tuple[int, str]:
@@ -729,8 +730,10 @@ def finish(proc: subprocess.Popen, logs: Path, timeout: float = 300) -> tuple[in
     return proc.returncode, (logs / "err.txt").read_text()
 
 
-def interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], logs: Path, timeout: float = 300) -> None:
-    """SIGINT (what Ctrl-C sends) once ``ready()``: the process has started working."""
+def interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], logs: Path, timeout: float = 300,
+                   signal_group: int | None = None) -> None:
+    """SIGINT (what Ctrl-C sends) once ``ready()``: the process has started working. ``signal_group``: send this
+    signal to the process's whole group instead (started with ``own_group``)."""
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
@@ -740,7 +743,10 @@ def interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], logs: Path
             proc.kill()
             pytest.fail("never started working")
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    if signal_group is None:
+        proc.send_signal(signal.SIGINT)
+    else:
+        os.killpg(proc.pid, signal_group)
 
 
 @pytest.mark.slow
@@ -784,6 +790,27 @@ def test_ctrl_c_stops_training_with_a_checkpoint_to_resume_from(world, capsys, r
     assert run_in_process(train, [*resume, f"trainer.max_steps={step + 2}", "--resume", str(run)], capsys)[0] == 0
     assert final_state(run)["global_step"] == step + 2
     assert [s for s, _ in logged(run, "train/loss")] == list(range(step + 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_process_group_stops_training_cleanly(world, signum):
+    """Slurm at the end of a job, ``kill -- -PGID`` and Ctrl-C in a terminal signal every process of the group,
+    DataLoader workers included: the workers leave it to the main process, which stops as for its own signal."""
+    data = make_pairs(world.root / "four", n=4)
+    argv = train_argv(world, "trainer.max_steps=100000", "trainer.max_epochs=100000", "data.num_workers=1",
+                      "trainer.checkpoint_every_n_steps=1", data=data)
+    run = world.runs / "tiny" / "version_1"
+    logs = world.root.parent / "logs"
+    proc = start(["train.py", *argv], logs, own_group=True)
+    interrupt_when(proc, lambda: (run / "checkpoints" / "last.ckpt").exists(), logs, signal_group=signum)
+    code, err = finish(proc, logs)
+    assert code == 128 + signum, err[-3000:]
+    name = signal.Signals(signum).name
+    stopped = re.search(rf"interrupted: {name} received: stopped after step (\d+); saved {run}/checkpoints/last\.ckpt",
+                        err)
+    assert stopped and "Traceback" not in err, err[-3000:]
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == int(stopped.group(1)) >= 1
 
 
 @pytest.mark.slow
