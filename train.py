@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGINT
     has_test = config.data.test_folder is not None or config.data.use_dataset != "folder"
     if not args.no_test and not args.fast_dev_run and has_test:
-        best = "best" if has_validation else "last"
+        best = "best" if has_validation and config.trainer.save_top_k else "last"
         run_stage(trainer, lambda: trainer.test(module, datamodule=datamodule, ckpt_path=best))
     if trainer.is_global_zero:
         print(f"run folder: {run_dir}")

@@ -842,3 +842,21 @@ def test_ctrl_c_leaves_only_complete_outputs(world, script):
             img.load()  # complete: decodes to the end
             assert img.size == ((16, 16) if path.name == "0.png" else (64, 64))
     assert_kept(before, world.root)
+
+
+def test_the_best_checkpoint_holds_the_weights_its_validation_scored(world, capsys, restore_determinism):
+    """Validation every 2 steps, last.ckpt every 3: the best checkpoint is saved right after the best validation,
+    not at the next periodic save with that validation's score."""
+    data = make_pairs(world.root / "four", n=4)
+    argv = train_argv(world, "trainer.max_steps=8", "trainer.max_epochs=100", "trainer.val_check_interval=2",
+                      "trainer.check_val_every_n_epoch=null", "trainer.checkpoint_every_n_steps=3",
+                      f"data.val_folder={data}", data=data)
+    assert run_in_process(train, argv, capsys)[0] == 0
+    run = world.runs / "tiny" / "version_1"
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    state = read_checkpoint(best)
+    psnr = dict(logged(run, "val/psnr"))  # a validation after step N is logged at N - 1
+    step = state["global_step"]
+    assert best.name == f"best-step={step}.ckpt"
+    assert step - 1 in psnr and psnr[step - 1] == max(psnr.values())  # saved right after the best validation
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 8

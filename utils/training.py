@@ -212,24 +212,44 @@ class SaveRunConfig(Callback):
         atomic_write(self.path, lambda tmp: save_config(self.config, tmp), overwrite=False)
 
 
+class SaveFinalCheckpoint(Callback):
+    """When training ends normally, ``last.ckpt`` holds the final weights, also when the last step is not one of
+    the periodic saves (``max_steps`` not a multiple of ``checkpoint_every_n_steps``, or mid-epoch)."""
+
+    def __init__(self, checkpoint: ModelCheckpoint):
+        self.checkpoint = checkpoint
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ckpt = self.checkpoint
+        if trainer.fast_dev_run or not ckpt.dirpath or ckpt._last_global_step_saved == trainer.global_step:
+            return
+        path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        ckpt.last_model_path = str(path)
+
+
 def build_callbacks(config: Config, checkpoint_dir: Path, has_validation: bool, *, run_dir: Path | None = None,
                     resumed: bool = False) -> list[Callback]:
     """Best checkpoint on the monitored validation metric (when there is validation), ``last.ckpt``, the learning
     rate log, the graceful stop on SIGINT/SIGTERM and resumable randomness; with ``run_dir`` also the config
-    file (see :class:`SaveRunConfig`)."""
+    file (see :class:`SaveRunConfig`).
+
+    Two checkpoint callbacks, because one cannot do both jobs: ``last.ckpt`` every ``checkpoint_every_n_steps``
+    steps, and ``best-step=N.ckpt`` right after each validation (a callback saving on a step schedule would rank
+    the weights of that step by the metric of an earlier validation). The best one comes first: it is
+    ``trainer.checkpoint_callback``, which ``trainer.test(ckpt_path="best")`` reads.
+    """
     trainer = config.trainer
-    checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir,
-        filename="best-{step}",
-        monitor=trainer.monitor if has_validation else None,
-        mode=trainer.monitor_mode,
-        save_top_k=trainer.save_top_k if has_validation else 0,
-        save_last=True,
-        every_n_train_steps=trainer.checkpoint_every_n_steps or None,
-    )
-    callbacks: list[Callback] = [checkpoint, LearningRateMonitor(logging_interval="step"),
-                                 GracefulStop(checkpoint, trainer.checkpoint_every_n_steps),
+    last = ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
+                           every_n_train_steps=trainer.checkpoint_every_n_steps or None)
+    callbacks: list[Callback] = [last, LearningRateMonitor(logging_interval="step"),
+                                 GracefulStop(last, trainer.checkpoint_every_n_steps), SaveFinalCheckpoint(last),
                                  ResumableRandomness(config.seed)]
+    if has_validation and trainer.save_top_k:
+        best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{step}", monitor=trainer.monitor,
+                               mode=trainer.monitor_mode, save_top_k=trainer.save_top_k, save_last=False,
+                               save_on_train_epoch_end=False)
+        callbacks.insert(0, best)
     if run_dir is not None:
         callbacks.append(SaveRunConfig(config, run_dir, resumed))
     if config.optim.ema_decay is not None:
