@@ -21,7 +21,7 @@ from utils.cli import UserError, ensure_output_dir, run_cli
 from utils.config import Config, ConfigError, load_config
 from utils.image_io import ImageReadError
 from utils.lpips import LPIPSWeightsMissing
-from utils.training import TrainingInterrupted, build_callbacks, build_trainer, next_version
+from utils.training import TrainingInterrupted, build_callbacks, build_trainer, keeps_best_checkpoint, next_version
 
 RESUME_KEYS = {"model": None, "diffusion": None, "optim": ("optimizer", "train_encoder", "scheduler", "ema_decay")}
 """Config keys a resumed run must share with its checkpoint (None: the whole section): they shape the weights,
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGINT
     has_test = config.data.test_folder is not None or config.data.use_dataset != "folder"
     if not args.no_test and not args.fast_dev_run and has_test:
-        best = "best" if has_validation and config.trainer.save_top_k else "last"
+        best = "best" if keeps_best_checkpoint(config, has_validation) else "last"
         run_stage(trainer, lambda: trainer.test(module, datamodule=datamodule, ckpt_path=best))
     if trainer.is_global_zero:
         print(f"run folder: {run_dir}")

@@ -101,12 +101,10 @@ class GracefulStop(Callback):
             return
         path, ckpt = None, self.checkpoint
         if ckpt is not None and ckpt.dirpath and not trainer.fast_dev_run:
-            path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
-            if not (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
-                # (else the ModelCheckpoint saves it right after this hook). Recorded as the ModelCheckpoint's own
-                # last checkpoint, which a resumed run then replaces instead of starting a last-v1.ckpt beside it
-                ckpt.last_model_path = str(path)
-                trainer.save_checkpoint(path)
+            if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+                path = last_checkpoint_path(ckpt)  # the ModelCheckpoint saves it right after this hook
+            else:
+                path = save_last_checkpoint(trainer, ckpt)
         self.stopped = TrainingInterrupted(signum, trainer.global_step, path)
         trainer.should_stop = True  # the step's metrics are logged, then the first hook below raises
 
@@ -221,11 +219,27 @@ class SaveFinalCheckpoint(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ckpt = self.checkpoint
-        if trainer.fast_dev_run or not ckpt.dirpath or ckpt._last_global_step_saved == trainer.global_step:
-            return
-        path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
-        ckpt.last_model_path = str(path)
+        if not trainer.fast_dev_run and ckpt.dirpath and ckpt._last_global_step_saved != trainer.global_step:
+            save_last_checkpoint(trainer, ckpt)
+
+
+def last_checkpoint_path(ckpt: ModelCheckpoint) -> Path:
+    """Where ``ckpt`` keeps ``last.ckpt``."""
+    return Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+
+
+def save_last_checkpoint(trainer: pl.Trainer, ckpt: ModelCheckpoint) -> Path:
+    """Save the training state now as ``ckpt``'s ``last.ckpt``, recorded as its own last checkpoint (which a
+    resumed run then replaces instead of starting a last-v1.ckpt beside it); returns the path."""
+    path = last_checkpoint_path(ckpt)
+    ckpt.last_model_path = str(path)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def keeps_best_checkpoint(config: Config, has_validation: bool) -> bool:
+    """Whether training keeps the best checkpoint on the monitored validation metric (else only last.ckpt)."""
+    return has_validation and config.trainer.save_top_k != 0
 
 
 def build_callbacks(config: Config, checkpoint_dir: Path, has_validation: bool, *, run_dir: Path | None = None,
@@ -245,7 +259,7 @@ def build_callbacks(config: Config, checkpoint_dir: Path, has_validation: bool, 
     callbacks: list[Callback] = [last, LearningRateMonitor(logging_interval="step"),
                                  GracefulStop(last, trainer.checkpoint_every_n_steps), SaveFinalCheckpoint(last),
                                  ResumableRandomness(config.seed)]
-    if has_validation and trainer.save_top_k:
+    if keeps_best_checkpoint(config, has_validation):
         best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{step}", monitor=trainer.monitor,
                                mode=trainer.monitor_mode, save_top_k=trainer.save_top_k, save_last=False,
                                save_on_train_epoch_end=False)
