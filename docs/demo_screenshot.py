@@ -3,7 +3,8 @@
     .venv/bin/python docs/demo_screenshot.py [--sample samples/lol_6.png] [--out docs/demo.png] [--overwrite]
 
 Needs requirements-demo.txt and Chromium (``bash .ci/install_browser.sh``). Uses the bundled checkpoint and
-the demo's default sampler, exactly what ``make web-demo`` shows.
+the demo's default sampler, exactly what ``make web-demo`` shows. The browser test of tests/test_demo.py drives
+the page with the same pieces (:func:`find_chromium`, :data:`CHROMIUM_ARGS`, :func:`enhance_in_page`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -24,8 +26,9 @@ from utils.cli import UserError, ensure_output_dir, run_cli  # noqa: E402
 from utils.config import FAST_SAMPLER  # noqa: E402
 from utils.image_io import atomic_write  # noqa: E402
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update"]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+"""Headless Chromium as root in a container, with nothing reaching out to the network."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -44,11 +47,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def find_chromium() -> str | None:
+    """Path of Debian's Chromium, or None."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def enhance_in_page(page: Any, url: str, image: Path) -> None:
+    """Open the demo at ``url`` in a playwright ``page``, upload ``image``, press Enhance and wait until the
+    before/after slider shows the result."""
+    page.goto(url)
+    page.locator("#upload input[type=file]").set_input_files(image)
+    page.click("#enhance")
+    page.locator("#compare img").first.wait_for()
+
+
 def screenshot(url: str, sample: Path, width: int) -> bytes:
     """PNG bytes of the whole page once the before/after slider shows ``sample`` enhanced."""
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = find_chromium()
     if chromium is None:
         raise UserError("Chromium not found: bash .ci/install_browser.sh")
     with sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
@@ -57,10 +74,7 @@ def screenshot(url: str, sample: Path, width: int) -> bytes:
         try:
             page = browser.new_page()
             page.set_default_timeout(300_000)
-            page.goto(url)
-            page.locator("#upload input[type=file]").set_input_files(sample)
-            page.click("#enhance")
-            page.locator("#compare img").first.wait_for()
+            enhance_in_page(page, url, sample)
             page.locator("#anchor img").first.wait_for()
             return page.screenshot(full_page=True)
         finally:

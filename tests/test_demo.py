@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ gradio_client = pytest.importorskip("gradio_client", reason=DEMO_PACKAGES)
 AppError = gradio_client.exceptions.AppError
 
 import demo  # noqa: E402
+from docs.demo_screenshot import CHROMIUM_ARGS, enhance_in_page, find_chromium, free_port  # noqa: E402
 from models import AnlightenDiff, CheckpointError  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.config import SamplerConfig, config_from_dict  # noqa: E402
@@ -27,10 +26,8 @@ TINY = {"model": {"unet_dim": 8, "dim_mults": [1, 2, 2]}, "diffusion": {"timeste
         "sampler": {"sampler": "ddim", "steps": 2}}
 FAST = SamplerConfig(sampler="ddim", steps=2, eta=0.0, seed=0)
 MAX_PIXELS = 24 * 24
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = find_chromium()
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")  # pandas 3 vs gradio
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +47,6 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Image.fromarray((rng.random((20, 24, 3)) * 60).astype(np.uint8)).save(folder / "dark.png")
     Image.fromarray((rng.random((16, 16, 3)) * 60).astype(np.uint8)).save(folder / "dusk.jpg")
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +161,7 @@ def test_page_in_headless_chromium(server: str, samples: Path, artifacts: Path, 
         try:
             page = browser.new_page()
             page.set_default_timeout(60_000)
-            page.goto(server)
-            page.locator("#upload input[type=file]").set_input_files(samples / "dark.png")
-            page.click("#enhance")
-            page.locator("#compare img").first.wait_for()
+            enhance_in_page(page, server, samples / "dark.png")
             page.screenshot(path=artifacts / "demo_page.png", full_page=True)
             with page.expect_download() as download:
                 page.click("#download")
