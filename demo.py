@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import AnlightenDiff, CheckpointError, load_checkpoint, resolve_checkpoint
-from models.inference import prepare_for_inference
+from models import AnlightenDiff, CheckpointError, load_for_inference
 from utils.cli import UserError, add_inference_args, check_precision, resolve_device, run_cli, sampler_from_args
 from utils.config import FAST_SAMPLER, SamplerConfig
 from utils.image_io import ImageReadError, LoadedImage, list_images, read_image, save_png
@@ -192,17 +191,11 @@ def launch(app: gr.Blocks, host: str, port: int, samples_dir: Path, block: bool 
     return url
 
 
-def load_model(ckpt: str | None, device: torch.device) -> AnlightenDiff:
-    """The checkpoint (default: the bundled one) on ``device``, prepared for fast inference."""
-    model = load_checkpoint(resolve_checkpoint(ckpt), map_location=device)
-    return prepare_for_inference(model, device)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     precision = check_precision(args.precision, device)
-    model = load_model(args.ckpt, device)
+    model = load_for_inference(args.ckpt, device)
     base = dataclasses.replace(FAST_SAMPLER, eta=args.eta, seed=args.seed)
     defaults = checked_sampler(base, args.sampler, args.steps, model.config.diffusion.timesteps)
     samples = sample_images(args.samples)

@@ -19,8 +19,7 @@ import torch
 from tqdm import tqdm
 
 from data.datamodule import datamodule_from_config
-from models import CheckpointError, load_checkpoint, resolve_checkpoint
-from models.inference import prepare_for_inference
+from models import CheckpointError, load_for_inference, resolve_checkpoint
 from utils.cli import (
     UserError,
     add_inference_args,
@@ -122,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     precision = check_precision(args.precision, device)
     ckpt = resolve_checkpoint(args.ckpt)
-    model = prepare_for_inference(load_checkpoint(ckpt, map_location=device), device)
+    model = load_for_inference(ckpt, device)
     sampler = sampler_from_args(args, config.sampler, model.config.diffusion.timesteps)
     lpips_model = build_lpips("alex", device=device) if lpips_available("alex") else None
     if lpips_model is None:

@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models import CheckpointError, load_checkpoint, resolve_checkpoint
-from models.inference import prepare_for_inference
+from models import CheckpointError, load_for_inference
 from utils.cli import (
     UserError,
     add_inference_args,
@@ -104,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "to replace them or choose another --output")
     device = resolve_device(args.device)
     precision = check_precision(args.precision, device)
-    model = prepare_for_inference(load_checkpoint(resolve_checkpoint(args.ckpt), map_location=device), device)
+    model = load_for_inference(args.ckpt, device)
     sampler = sampler_from_args(args, FAST_SAMPLER, model.config.diffusion.timesteps)
     if args.grid and Path(args.grid).exists() and not args.overwrite:
         raise UserError(f"--grid {args.grid} already exists; pass --overwrite to replace it")

@@ -21,7 +21,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 import demo  # noqa: E402
+from models import load_for_inference  # noqa: E402
 from utils.cli import UserError, ensure_output_dir, run_cli  # noqa: E402
 from utils.config import FAST_SAMPLER  # noqa: E402
 from utils.image_io import atomic_write  # noqa: E402
@@ -88,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out.exists() and not args.overwrite:
         raise UserError(f"{args.out} exists; pass --overwrite to replace it")
     ensure_output_dir(args.out.parent, "--out")
-    model = demo.load_model(None, demo.resolve_device("cpu"))
+    model = load_for_inference(None, torch.device("cpu"))
     app = demo.build_app(model, FAST_SAMPLER, demo.DEFAULT_MAX_PIXELS, demo.sample_images(demo.SAMPLES_DIR))
     url = demo.launch(app, "127.0.0.1", free_port(), demo.SAMPLES_DIR, block=False)
     try:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from models.inference import prepare_for_inference
 from models.module import AnlightenDiff
 from utils.config import Config, ConfigError, config_from_dict
 from utils.image_io import atomic_write
@@ -146,6 +147,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                               + _listing("wrong shape", mismatched))
     module.load_state_dict(state, strict=True)
     return module.eval()
+
+
+def load_for_inference(path: str | Path | None, device: torch.device) -> AnlightenDiff:
+    """The checkpoint at ``path`` (None: the bundled one) on ``device``, prepared for fast inference (see
+    :func:`models.inference.prepare_for_inference`): what test.py, test_unpaired.py and the demo run."""
+    return prepare_for_inference(load_checkpoint(resolve_checkpoint(path), map_location=device), device)
 
 
 def _listing(title: str, keys: list[str], limit: int = 10) -> str:

@@ -18,7 +18,7 @@ AppError = gradio_client.exceptions.AppError
 
 import demo  # noqa: E402
 from docs.demo_screenshot import CHROMIUM_ARGS, enhance_in_page, find_chromium, free_port  # noqa: E402
-from models import AnlightenDiff, CheckpointError  # noqa: E402
+from models import AnlightenDiff, CheckpointError, load_for_inference  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.config import SamplerConfig, config_from_dict  # noqa: E402
 
@@ -36,7 +36,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> AnlightenDiff:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     module = AnlightenDiff(config_from_dict(TINY))
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return demo.load_model(str(path), torch.device("cpu"))
+    return load_for_inference(str(path), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
