@@ -14,12 +14,10 @@ from pathlib import Path
 import numpy as np
 from skimage import exposure
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.datasets import pair_files  # noqa: E402
-from utils.image_io import read_image  # noqa: E402
-from utils.lpips import build_lpips, lpips_available  # noqa: E402
-from utils.metrics import image_metrics, to_uint8  # noqa: E402
+from data.datasets import pair_files
+from utils.image_io import read_image
+from utils.lpips import build_lpips, lpips_available
+from utils.metrics import image_metrics, to_uint8
 
 METHODS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "identity (input as is)": lambda x: x,

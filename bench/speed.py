@@ -14,11 +14,6 @@ enhanced on tiles. The last line is always ``speedup <x>``: DDPM-T time / defaul
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as python bench/speed.py
-
 import argparse
 import copy
 import dataclasses
@@ -26,9 +21,11 @@ import gc
 import os
 import platform
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np

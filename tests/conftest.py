@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from utils.config import Config, config_from_dict
 
-from utils.config import Config, config_from_dict  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads stall on each
 # other (measured ~10x slower): run the in-process tests single-threaded.
