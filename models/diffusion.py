@@ -42,13 +42,14 @@ class GaussianDiffusion(nn.Module):
         """Inverse of :meth:`img2res` (residual clamped to [-1, 1], image to [0, 1])."""
         return (img_lr + (res.clamp(-1, 1) + 1) / 2).clamp(0, 1)
 
-    def drda_noise(self, noise: torch.Tensor, t: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-        """eps* = eps + k1_t c' (Eq. 13), the noise the UNet learns to predict. ``noise`` is not modified."""
+    def drda_noise(self, noise: torch.Tensor, t: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+        """eps* = eps + k1_t c' (Eq. 13), the noise the UNet learns to predict. ``noise`` is not modified.
+        Without DRDA (``use_center`` false) eps* = eps and ``center`` is not used (it may be None)."""
         if not self.use_center:
             return noise
         return noise + extract(self.extra_term_coef1, t, noise.shape) * to_signed(center)
 
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, center: torch.Tensor,
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, center: torch.Tensor | None,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
         """DRDA forward process (Eq. 12): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) (eps + k1_t c').
 
@@ -85,6 +86,20 @@ class GaussianDiffusion(nn.Module):
         return eps_hat, x0_hat.clamp(-1, 1) if self.clip_denoised else x0_hat
 
     def anchor_shift(self, center: torch.Tensor) -> torch.Tensor:
-        """The offset c' between x and the shifted coordinates z = x - c' in which DRDA/DRDS are plain DDPM
-        (zero when DRDA is off). It is also x_T, where sampling starts (the mean of x_T under DRDA)."""
-        return to_signed(center) if self.use_center else torch.zeros_like(center)
+        """The offset s between x and the coordinates z = x - s in which the reverse process is a plain DDPM
+        posterior: c' with DRDS (``use_center_sampler``: mean = c' + coef1 (x0 - c') + coef2 (x_t - c'), since
+        k2 = 1 - coef1 - coef2), zero without it. The samplers work in these coordinates, so DDIM with eta = 1
+        over all timesteps is the DDPM/DRDS posterior for every setting of the two switches.
+
+        DRDA (``use_center``) shifts the forward process by c' in the same way; the paper's ablations switch
+        DRDA and DRDS independently, and sampling follows the posterior (DRDS), as the reference's does."""
+        return to_signed(center) if self.use_center_sampler else torch.zeros_like(center)
+
+    def sampling_start(self, center: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_T, where the reverse process starts, as the reference: the anchor c' with DRDS (no noise added),
+        otherwise ``noise``, standard-normal and shaped like ``center`` (required then)."""
+        if self.use_center_sampler:
+            return to_signed(center)
+        if noise is None:
+            raise ValueError("without DRDS (use_center_sampler: false) sampling starts from N(0, I) noise: pass it")
+        return noise

@@ -40,7 +40,7 @@ from torch.nn.utils import parametrize
 
 from models.anchor import AnchorEncoder, condition_features
 from models.diffusion import GaussianDiffusion
-from models.samplers import DDIMSampler, DDPMSampler, make_sampler
+from models.samplers import DDIMSampler, DDPMSampler, make_sampler, noise_like
 from models.unet import UNetBackbone
 from utils.config import PRECISIONS
 
@@ -225,14 +225,19 @@ def sample(
     noise_fn: NoiseFn | None = None,
     inference_mode: bool = True,
 ) -> torch.Tensor:
-    """Reverse process from x_T = c' over the sampler's timesteps. Returns res2img(x0_hat) of the last step,
+    """Reverse process from x_T over the sampler's timesteps. Returns res2img(x0_hat) of the last step,
     (B, 3, H, W) in [0, 1].
 
-    ``callback(i, n)`` is called after each of the n steps (progress bars). The noise of stochastic steps
-    comes from ``noise_fn`` when given, else from ``generator``. ``precision`` autocasts the UNet only.
+    x_T is the anchor c' with DRDS (``use_center_sampler``), otherwise standard-normal noise, as the reference
+    (see :meth:`GaussianDiffusion.sampling_start`). ``callback(i, n)`` is called after each of the n steps
+    (progress bars). The noise of x_T and of stochastic steps comes from ``noise_fn`` when given, else from
+    ``generator``. ``precision`` autocasts the UNet only.
     """
     with _grad_free(inference_mode):
-        x = diffusion.anchor_shift(center)
+        start_noise = None
+        if not diffusion.use_center_sampler:
+            start_noise = noise_fn(center) if noise_fn is not None else noise_like(center, generator)
+        x = diffusion.sampling_start(center, start_noise)
         x0_hat = x
         batch = img_lr.shape[0]
         for i, t in enumerate(sampler.timesteps):
@@ -316,18 +321,23 @@ def _tile_generator_state(generator: torch.Generator | None, device: torch.devic
     return seeded.get_state()
 
 
-def _enhance_full(encoder: AnchorEncoder, diffusion: GaussianDiffusion, sampler: DDPMSampler | DDIMSampler,
+def _enhance_full(encoder: AnchorEncoder, diffusion: GaussianDiffusion, sampler: DDPMSampler | DDIMSampler | None,
                   img: torch.Tensor, features: torch.Tensor, *, precision: str,
                   generator: torch.Generator | None, noise_fn: NoiseFn | None,
                   callback: Callable[[int, int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder then the reverse process on one (padded) image or tile -> (image in [0, 1], raw anchor)."""
+    """Encoder then the reverse process on one (padded) image or tile -> (image in [0, 1], raw anchor).
+    Without a sampler (``anchor``) the image is the anchor clamped to [0, 1]."""
     center, feats = encode(encoder, features, precision)
+    if sampler is None:
+        if callback is not None:
+            callback(1, 1)
+        return center.clamp(0, 1), center
     image = sample(diffusion, sampler, img, center, feats, generator=generator, callback=callback,
                    precision=precision, noise_fn=noise_fn, inference_mode=torch.is_inference_mode_enabled())
     return image, center
 
 
-def _enhance_tiled(encoder: AnchorEncoder, diffusion: GaussianDiffusion, sampler: DDPMSampler | DDIMSampler,
+def _enhance_tiled(encoder: AnchorEncoder, diffusion: GaussianDiffusion, sampler: DDPMSampler | DDIMSampler | None,
                    img: torch.Tensor, features: torch.Tensor, *, tile: int, overlap: int, precision: str,
                    generator: torch.Generator | None,
                    callback: Callable[[int, int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,7 +348,7 @@ def _enhance_tiled(encoder: AnchorEncoder, diffusion: GaussianDiffusion, sampler
     state = _tile_generator_state(generator, noise_device)
     image_sum, anchor_sum = torch.zeros_like(img), torch.zeros_like(img)
     weight_sum = img.new_zeros(1, 1, height, width)
-    steps = len(sampler.timesteps)
+    steps = len(sampler.timesteps) if sampler is not None else 1
     tile_generator = torch.Generator(device=noise_device)
     for index, box in enumerate(boxes):
         tile_generator.set_state(state)

@@ -11,10 +11,10 @@ from torch.optim import AdamW
 from torch.optim.lr_scheduler import CosineAnnealingLR, ReduceLROnPlateau
 from torchvision.utils import make_grid
 
-from models.anchor import AnchorEncoder
+from models.anchor import AnchorEncoder, color_map
 from models.diffusion import GaussianDiffusion
 from models.inference import Enhanced, enhance
-from models.losses import Frozen, build_image_loss, dfpl_loss, noise_loss
+from models.losses import AnchorLoss, Frozen, build_image_loss, dfpl_loss, noise_loss
 from models.unet import NoiseUNet
 from utils.config import Config, SamplerConfig, config_from_dict
 from utils.lpips import build_lpips, lpips_available
@@ -24,12 +24,12 @@ from utils.metrics import combined_score, image_metrics, to_uint8
 def build_networks(config: Config) -> tuple[AnchorEncoder, GaussianDiffusion]:
     """The anchor encoder and the diffusion (with its UNet) described by ``config``."""
     m, d = config.model, config.diffusion
-    shared = dict(dim=m.unet_dim, dim_mults=m.dim_mults, use_instance_norm=m.use_instance_norm,
-                  weight_init=m.weight_init)
-    unet = NoiseUNet(in_dim=m.in_dim, out_dim=m.unet_outdim, stronger_cond=m.stronger_cond,
+    shared = dict(dim_mults=m.dim_mults, use_instance_norm=m.use_instance_norm, weight_init=m.weight_init)
+    unet = NoiseUNet(dim=m.unet_dim, in_dim=m.in_dim, out_dim=m.unet_outdim, stronger_cond=m.stronger_cond,
                      use_wn=m.use_wn, **shared)
-    encoder = AnchorEncoder(in_dim=m.cond_in_dim, out_dim=m.unet_outdim, on_res=m.cond_on_res,
-                            zero_residual=m.cond_zero_residual, use_wn=m.cond_use_wn, **shared)
+    encoder = AnchorEncoder(dim=m.cond_dim or m.unet_dim, in_dim=m.cond_in_dim, out_dim=m.unet_outdim,
+                            on_res=m.cond_on_res, zero_residual=m.cond_zero_residual, use_wn=m.cond_use_wn,
+                            **shared)
     diffusion = GaussianDiffusion(unet, timesteps=d.timesteps, beta_schedule_name=d.beta_schedule,
                                   use_center=d.use_center, use_center_sampler=d.use_center_sampler,
                                   clip_denoised=d.clip_denoised)
@@ -45,9 +45,22 @@ class AnlightenDiff(pl.LightningModule):
         self.config = config if isinstance(config, Config) else config_from_dict(config)
         self.save_hyperparameters({"config": self.config.to_dict()})
         self.encoder, self.model = build_networks(self.config)
-        self.encoder.requires_grad_(self.config.optim.train_encoder)
+        self.encoder.requires_grad_(self.trains_encoder)
+        self.model.requires_grad_(self.config.stage == "diffusion")
         self._image_loss = None
+        self._anchor_loss: AnchorLoss | None = None
         self._lpips_alex = None
+
+    @property
+    def trains_encoder(self) -> bool:
+        """The anchor stage trains the encoder alone; the diffusion stage only if ``optim.train_encoder``."""
+        return self.config.stage == "anchor" or self.config.optim.train_encoder
+
+    def load_encoder_from(self, checkpoint: dict[str, Any]) -> None:
+        """Copy the anchor encoder of an earlier stage's checkpoint (a state dict with ``encoder.*`` keys)."""
+        prefix = "encoder."
+        weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        self.encoder.load_state_dict(weights, strict=True)
 
     # ----------------------------------------------------------------- inference
     def anchor(self, img_lr: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -57,7 +70,8 @@ class AnlightenDiff(pl.LightningModule):
     def enhance(self, img_lr: torch.Tensor, sampler: SamplerConfig | None = None, **kwargs: Any) -> Enhanced:
         """Enhance (B, 3, H, W) images in [0, 1] with a sampler config (default: ``config.sampler``)."""
         sampler = sampler or self.config.sampler
-        stochastic = sampler.sampler == "ddpm" or sampler.eta > 0
+        # without DRDS, x_T itself is noise (see GaussianDiffusion.sampling_start)
+        stochastic = sampler.sampler == "ddpm" or sampler.eta > 0 or not self.config.diffusion.use_center_sampler
         generator = None
         if stochastic and sampler.seed is not None:
             generator = torch.Generator(device=img_lr.device).manual_seed(sampler.seed)
@@ -67,12 +81,40 @@ class AnlightenDiff(pl.LightningModule):
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.config.stage == "anchor":
+            loss = self._anchor_step(batch)
+        else:
+            loss = self._diffusion_step(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["low"].shape[0])
+        return loss
+
+    def _anchor_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Stage ``anchor``: the encoder's anchor against its target (hr or C(hr))."""
+        if self._anchor_loss is None:
+            optim = self.config.optim
+            self._anchor_loss = AnchorLoss(optim.anchor_loss, optim.anchor_loss_weights)
+        center, _ = self.encoder(batch["low"])
+        with torch.autocast(self.device.type, enabled=False):  # the losses in fp32 under mixed precision
+            return self._anchor_loss(center.float(), self.anchor_target(batch["high"]))
+
+    def anchor_target(self, img_hr: torch.Tensor) -> torch.Tensor:
+        """What the anchor stage fits: hr itself or its chromaticity C(hr) (``optim.anchor_target``)."""
+        return color_map(img_hr) if self.config.optim.anchor_target == "chroma" else img_hr
+
+    def _diffusion_step(self, batch: dict[str, Any]) -> torch.Tensor:
         img_lr, img_hr = batch["low"], batch["high"]
         optim, diffusion = self.config.optim, self.model
-        with torch.set_grad_enabled(optim.train_encoder):
-            center, feats = self.encoder(img_lr)
-        if torch.rand((), device=self.device) < optim.ref_prob:
-            center = img_hr  # teacher forcing: the ground truth as anchor ("ref")
+        center: torch.Tensor | None = None
+        feats: list[torch.Tensor] = []
+        if diffusion.use_center:
+            with torch.set_grad_enabled(self.trains_encoder):
+                center, feats = self.encoder(img_lr)
+            if torch.rand((), device=self.device) < optim.ref_prob:
+                center = img_hr  # teacher forcing: the ground truth as anchor ("ref")
+        # else, as the reference without DRDA: no anchor and no encoder features (the config then has
+        # model.stronger_cond false, so the UNet takes none)
         x_start = diffusion.img2res(img_hr, img_lr)
         t = torch.randint(0, diffusion.num_timesteps, (img_lr.shape[0],), device=self.device)
         eps = torch.randn_like(x_start)
@@ -85,15 +127,12 @@ class AnlightenDiff(pl.LightningModule):
             loss = dfpl_loss(diffusion, self._image_loss, x_start, t, center, img_lr, eps_hat, eps_star)
         else:
             loss = noise_loss(optim.loss_type, eps_hat, eps_star)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
-        self.log("train/loss", loss, prog_bar=True, batch_size=img_lr.shape[0])
         return loss
 
     def configure_optimizers(self) -> Any:
         optim = self.config.optim
-        params = list(self.model.parameters())
-        if optim.train_encoder:
+        params = list(self.model.parameters()) if self.config.stage == "diffusion" else []
+        if self.trains_encoder:
             params += list(self.encoder.parameters())
         if optim.optimizer == "lion":
             optimizer = Lion(params, lr=optim.lr, weight_decay=optim.weight_decay)
@@ -118,9 +157,13 @@ class AnlightenDiff(pl.LightningModule):
         return self._lpips_alex.on(self.device) if self._lpips_alex is not None else None
 
     def _evaluate(self, batch: dict[str, Any], stage: str, batch_idx: int) -> None:
-        result = self.enhance(batch["low"], self.config.val_sampler if stage == "val" else self.config.sampler)
+        sampler = self.config.val_sampler if stage == "val" else self.config.sampler
+        if self.config.stage == "anchor":
+            sampler = SamplerConfig(sampler="anchor")
+        result = self.enhance(batch["low"], sampler)
         lpips_model = self._lpips_model()
-        for out, gt in zip(result.image, batch["high"], strict=True):
+        for out, gt in zip(result.image, self.anchor_target(batch["high"]) if self.config.stage == "anchor"
+                           else batch["high"], strict=True):
             scores = image_metrics(to_uint8(out), to_uint8(gt), lpips_model=lpips_model)
             logged = {k: v for k, v in scores.items() if v is not None}
             if scores.get("lpips") is not None:

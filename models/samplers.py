@@ -3,8 +3,14 @@
 The caller owns the loop (see :func:`models.inference.sample`): it runs the UNet to get x0_hat at each
 timestep and asks the sampler for x at the next one.
 
-DRDA/DRDS are ordinary DDPM in shifted coordinates z = x - c': z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps,
-and the DRDS posterior is the DDPM posterior in z. So DDIM over any subsequence of timesteps is exact here.
+Both samplers work in the coordinates z = x - s of :meth:`GaussianDiffusion.anchor_shift` (s = c' with DRDS,
+``use_center_sampler``, else 0), in which the DRDS posterior is the plain DDPM posterior. DDIM is derived from that
+posterior: it is the family of processes whose marginals are those the posterior implies,
+z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, so eta = 1 over all timesteps is exactly the DDPM sampler, for every
+combination of the ablation switches. With DRDA and DRDS both on (the paper) or both off, these are also the
+marginals of the trained forward process, so DDIM over any subsequence of timesteps is exact. The ablations that
+switch only one of them train on one forward process and sample with the posterior of another by design (as the
+reference does); DDIM then follows the posterior, like DDPM.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ from __future__ import annotations
 import torch
 
 from models.diffusion import GaussianDiffusion
+from utils.config import SamplerConfig, check_sampler
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "anchor")
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard-normal noise shaped like ``x``, on its device, drawn from ``generator`` (on the generator's device)."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
@@ -29,9 +37,7 @@ class DDPMSampler:
         self.timesteps = list(range(diffusion.num_timesteps - 1, -1, -1))
 
     def set_timesteps(self, steps: int) -> None:
-        if steps != self.diffusion.num_timesteps:
-            total = self.diffusion.num_timesteps
-            raise ValueError(f"ddpm visits all {total} timesteps; use ddim for {steps}")
+        check_sampler(SamplerConfig("ddpm", steps), self.diffusion.num_timesteps, prefix="")
 
     def draws_noise(self, t: int) -> bool:
         """Whether :meth:`step` at timestep t adds noise (every step but the last)."""
@@ -47,7 +53,7 @@ class DDPMSampler:
         mean, _, log_variance = self.diffusion.q_posterior(x0_hat, x_t, t_batch, center)
         if not self.draws_noise(t):
             return mean
-        z = noise if noise is not None else _noise_like(x_t, generator)
+        z = noise if noise is not None else noise_like(x_t, generator)
         return mean + (0.5 * log_variance).exp() * z
 
 
@@ -64,8 +70,7 @@ class DDIMSampler:
 
     def set_timesteps(self, steps: int) -> None:
         total = self.diffusion.num_timesteps
-        if not 1 <= steps <= total:
-            raise ValueError(f"steps must be in [1, {total}], got {steps}")
+        check_sampler(SamplerConfig("ddim", steps, self.eta), total, prefix="")
         if steps == 1:
             self.timesteps = [total - 1]
         else:
@@ -91,13 +96,17 @@ class DDIMSampler:
         sigma = self.eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
         z_s = abar_s.sqrt() * z0 + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps
         if self.draws_noise(t):
-            z_s = z_s + sigma * (noise if noise is not None else _noise_like(x_t, generator))
+            z_s = z_s + sigma * (noise if noise is not None else noise_like(x_t, generator))
         return z_s + shift
 
 
 def make_sampler(diffusion: GaussianDiffusion, name: str, steps: int, eta: float = 0.0
-                 ) -> DDPMSampler | DDIMSampler:
-    """Build a sampler by name with its timesteps set."""
+                 ) -> DDPMSampler | DDIMSampler | None:
+    """Build a sampler by name with its timesteps set; None for ``anchor`` (no diffusion steps: the output is
+    the anchor itself). The settings are checked by :func:`utils.config.check_sampler` (ConfigError)."""
+    check_sampler(SamplerConfig(name, steps, eta), diffusion.num_timesteps, prefix="")
+    if name == "anchor":
+        return None
     if name == "ddpm":
         sampler: DDPMSampler | DDIMSampler = DDPMSampler(diffusion)
     elif name == "ddim":

@@ -1,9 +1,21 @@
+import argparse
 from pathlib import Path
 
 import pytest
 
 from models import AnlightenDiff
-from utils.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from models.module import build_networks
+from models.samplers import make_sampler
+from utils.cli import UserError, sampler_from_args
+from utils.config import (
+    CHOICES,
+    Config,
+    ConfigError,
+    SamplerConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
 
 CFG = Path(__file__).resolve().parents[1] / "cfg"
 
@@ -75,3 +87,49 @@ def test_every_config_loads_and_builds(path):
         assert sum(p.numel() for p in module.parameters()) > 0
     else:
         assert config.model.unet_dim == 64
+
+
+BAD_SAMPLERS = [
+    pytest.param({"sampler": "ddim", "steps": 2, "eta": -3.0}, "eta", id="negative_eta"),
+    pytest.param({"sampler": "ddim", "steps": 2, "eta": float("nan")}, "eta", id="nan_eta"),
+    pytest.param({"sampler": "ddim", "steps": 11}, "steps", id="more_steps_than_timesteps"),
+    pytest.param({"sampler": "ddim", "steps": 0}, "steps", id="no_steps"),
+    pytest.param({"sampler": "ddpm", "steps": 5}, "steps", id="ddpm_skipping_timesteps"),
+    pytest.param({"sampler": "euler", "steps": 5}, "sampler", id="unknown_name"),
+]
+SMALL = {"model": {"unet_dim": 8, "dim_mults": [1, 2, 2]}, "diffusion": {"timesteps": 10, "pad_multiple": 8}}
+
+
+@pytest.mark.parametrize("section", ["sampler", "val_sampler"])
+@pytest.mark.parametrize("settings, key", BAD_SAMPLERS)
+def test_sampler_and_val_sampler_are_validated_alike(section, settings, key):
+    good = {"sampler": "ddim", "steps": 2}
+    data = {**SMALL, "sampler": good, "val_sampler": good, section: settings}
+    with pytest.raises(ConfigError, match=rf"^{section}\.{key}\b"):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize("settings, key", BAD_SAMPLERS)
+def test_the_flags_and_make_sampler_refuse_what_the_config_refuses(settings, key):
+    args = argparse.Namespace(sampler=settings["sampler"], steps=settings["steps"], eta=settings.get("eta"), seed=None)
+    with pytest.raises(UserError, match=rf"^--{key}\b"):
+        sampler_from_args(args, SamplerConfig(), 10)
+    _, diffusion = build_networks(config_from_dict({**SMALL, "sampler": {"sampler": "ddim", "steps": 2},
+                                                    "val_sampler": {"sampler": "ddim", "steps": 2}}))
+    with pytest.raises(ValueError, match=rf"^{key}\b"):
+        make_sampler(diffusion, settings["sampler"], settings["steps"], settings.get("eta", 0.0))
+
+
+def test_every_sampler_name_of_the_choices_is_accepted():
+    for name in CHOICES["sampler.sampler"]:
+        steps = 10 if name == "ddpm" else 2
+        config = config_from_dict({**SMALL, "sampler": {"sampler": name, "steps": steps},
+                                   "val_sampler": {"sampler": name, "steps": steps, "eta": 0.5}})
+        assert config.val_sampler.sampler == name
+
+
+def test_use_center_off_needs_stronger_cond_off():
+    with pytest.raises(ConfigError, match=r"diffusion\.use_center: false needs model\.stronger_cond: false"):
+        config_from_dict({"diffusion": {"use_center": False}})
+    config = config_from_dict({"diffusion": {"use_center": False}, "model": {"stronger_cond": False}})
+    assert not config.diffusion.use_center and not config.model.stronger_cond

@@ -23,7 +23,7 @@ from utils.cli import run_cli  # noqa: E402
 from utils.config import SamplerConfig, config_from_dict  # noqa: E402
 
 TINY = {"model": {"unet_dim": 8, "dim_mults": [1, 2, 2]}, "diffusion": {"timesteps": 10, "pad_multiple": 8},
-        "sampler": {"sampler": "ddim", "steps": 2}}
+        "sampler": {"sampler": "ddim", "steps": 2}, "val_sampler": {"sampler": "ddim", "steps": 2}}
 FAST = SamplerConfig(sampler="ddim", steps=2, eta=0.0, seed=0)
 MAX_PIXELS = 24 * 24
 CHROMIUM = find_chromium()

@@ -2,8 +2,13 @@ import pytest
 import torch
 
 from models.inference import enhance, pad_to_multiple, sample
-from models.module import build_networks
+from models.module import AnlightenDiff, build_networks
 from models.samplers import DDIMSampler, DDPMSampler, make_sampler
+from utils.config import SamplerConfig, config_from_dict
+
+ABLATIONS = [(True, True), (True, False), (False, True), (False, False)]
+"""(diffusion.use_center = DRDA, diffusion.use_center_sampler = DRDS): the paper and its ablations."""
+ABLATION_IDS = ["DRDA+DRDS", "DRDA_only", "DRDS_only", "neither"]
 
 
 @pytest.fixture
@@ -41,7 +46,11 @@ def test_single_ddpm_step_matches_ddim_step(setup):
 def test_ddim_eta_zero_is_deterministic_and_ends_at_x0(setup):
     diffusion, low, center, feats = setup
     sampler = make_sampler(diffusion, "ddim", 3)
-    assert sampler.timesteps == [9, 4, 0] or sampler.timesteps[0] == 9 and sampler.timesteps[-1] == 0
+    # evenly spaced from T - 1 to 0, rounded half to even (4.5 -> 4)
+    assert sampler.timesteps == [9, 4, 0]
+    assert make_sampler(diffusion, "ddim", 4).timesteps == [9, 6, 3, 0]
+    assert make_sampler(diffusion, "ddim", 1).timesteps == [9]
+    assert make_sampler(diffusion, "ddim", 10).timesteps == list(range(9, -1, -1))
     a = _run(diffusion, sampler, low, center, feats, seed=1)
     b = _run(diffusion, sampler, low, center, feats, seed=2)
     assert torch.equal(a, b)
@@ -90,3 +99,81 @@ def test_pad_to_multiple_reflects_then_replicates():
     medium = torch.rand(1, 3, 13, 21)
     reflected = pad_to_multiple(medium, 8)
     assert torch.equal(reflected[..., 13, :21], medium[..., 11, :])  # reflection about the last row
+
+
+def _ablation(use_center: bool, use_center_sampler: bool):
+    """A tiny model with the given switches (stronger_cond off: without DRDA training uses no encoder features)."""
+    config = config_from_dict({"model": {"unet_dim": 8, "dim_mults": [1, 2, 2], "stronger_cond": False},
+                               "diffusion": {"timesteps": 10, "pad_multiple": 8, "use_center": use_center,
+                                             "use_center_sampler": use_center_sampler},
+                               "sampler": {"sampler": "ddpm", "steps": 10},
+                               "val_sampler": {"sampler": "ddim", "steps": 2},
+                               "optim": {"loss_type": "l2", "optimizer": "adamw"}})
+    torch.manual_seed(0)
+    return build_networks(config)
+
+
+@pytest.mark.parametrize("use_center, use_center_sampler", ABLATIONS, ids=ABLATION_IDS)
+def test_ddim_eta_one_step_is_the_ddpm_posterior_for_every_ablation(use_center, use_center_sampler):
+    """DDPM's posterior follows DRDS (the k2 term); DDIM must shift by the same anchor, or the two disagree
+    by up to 0.8 in one step when only one of DRDA/DRDS is on."""
+    _, diffusion = _ablation(use_center, use_center_sampler)
+    generator = torch.Generator().manual_seed(0)
+    center = torch.rand(2, 3, 16, 24, generator=generator)
+    x_t = torch.randn(2, 3, 16, 24, generator=generator)
+    x0 = torch.rand(2, 3, 16, 24, generator=generator) * 2 - 1
+    b = diffusion
+    for t in (9, 5, 1):
+        z = torch.randn(2, 3, 16, 24, generator=torch.Generator().manual_seed(t))
+        a = DDPMSampler(b).step(x0, t, x_t, center, noise=z)
+        d = DDIMSampler(b, eta=1.0).step(x0, t, x_t, center, noise=z)
+        assert torch.allclose(a, d, atol=1e-5), (t, (a - d).abs().max())
+        # the posterior by hand: coef1 x0 + coef2 x_t (+ k2 c' with DRDS) + sigma z
+        abar, abar_prev, beta = b.alphas_cumprod[t], b.alphas_cumprod[t - 1], b.betas[t]
+        mean = (beta * abar_prev.sqrt() * x0 + (1 - abar_prev) * (1 - beta).sqrt() * x_t) / (1 - abar)
+        if use_center_sampler:
+            mean = mean + b.extra_term_coef2[t] * (2 * center - 1)
+        expected = mean + (beta * (1 - abar_prev) / (1 - abar)).sqrt() * z
+        assert torch.allclose(a, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_center, use_center_sampler", ABLATIONS, ids=ABLATION_IDS)
+def test_ddim_eta_one_over_all_steps_samples_as_ddpm_for_every_ablation(images, use_center, use_center_sampler):
+    encoder, diffusion = _ablation(use_center, use_center_sampler)
+    low, _ = images
+    with torch.no_grad():
+        center, feats = encoder(low)
+    ddpm = _run(diffusion, make_sampler(diffusion, "ddpm", 10), low, center, feats, seed=1)
+    ddim = _run(diffusion, make_sampler(diffusion, "ddim", 10, eta=1.0), low, center, feats, seed=1)
+    assert torch.allclose(ddpm, ddim, atol=1e-4), (ddpm - ddim).abs().max()
+
+
+@pytest.mark.parametrize("use_center_sampler", [True, False], ids=["DRDS", "no_DRDS"])
+def test_sampling_starts_from_the_anchor_with_drds_else_from_seeded_noise(images, use_center_sampler):
+    """x_T as the reference: c' = 2c - 1 with DRDS, N(0, I) (from the caller's generator) without."""
+    encoder, diffusion = _ablation(False, use_center_sampler)
+    low, _ = images
+    with torch.no_grad():
+        center, feats = encoder(low)
+    one_step = make_sampler(diffusion, "ddim", 1)  # deterministic: the output is x0_hat(x_T) at t = T - 1
+    x_T = 2 * center - 1 if use_center_sampler else torch.randn(low.shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        _, x0_hat = diffusion.predict_start(x_T, torch.full((2,), 9), low, feats)
+    expected = diffusion.res2img(x0_hat, low)
+    assert torch.allclose(_run(diffusion, one_step, low, center, feats, seed=7), expected, atol=1e-6)
+    other = _run(diffusion, one_step, low, center, feats, seed=8)
+    assert torch.allclose(other, expected, atol=1e-6) == use_center_sampler  # only noise depends on the seed
+
+
+def test_enhance_without_drds_is_seeded_even_with_a_deterministic_sampler(images):
+    torch.manual_seed(0)
+    module = AnlightenDiff(config_from_dict({"model": {"unet_dim": 8, "dim_mults": [1, 2, 2]},
+                                             "diffusion": {"timesteps": 10, "pad_multiple": 8,
+                                                           "use_center_sampler": False},
+                                             "sampler": {"sampler": "ddpm", "steps": 10},
+                                             "val_sampler": {"sampler": "ddim", "steps": 2}}))
+    low, _ = images
+    ddim = [SamplerConfig(sampler="ddim", steps=2, eta=0.0, seed=s) for s in (0, 0, 1)]
+    with torch.no_grad():
+        a, b, c = (module.enhance(low, s).image for s in ddim)
+    assert torch.equal(a, b) and not torch.allclose(a, c, atol=1e-4)

@@ -35,8 +35,23 @@ def test_drds_coefficient_is_one_minus_posterior_coefficients():
     buffers = schedule_buffers(cosine_beta_schedule(100))
     k2 = buffers["extra_term_coef2"]
     assert torch.allclose(k2, 1 - buffers["posterior_mean_coef1"] - buffers["posterior_mean_coef2"], atol=1e-12)
-    alphas = 1 - buffers["betas"]
-    assert torch.allclose(k2, drds_coefficient(alphas, buffers["alphas_cumprod"], buffers["alphas_cumprod_prev"]))
+
+
+def test_anchor_coefficients_match_values_worked_out_by_hand():
+    """betas (0.1, 0.2, 0.3): alpha = (0.9, 0.8, 0.7), abar = (0.9, 0.72, 0.504), abar_prev = (1, 0.9, 0.72);
+    k1 and k2 from the paper's formulas in scalar arithmetic (math.sqrt), written out as numbers."""
+    betas = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    alphas = 1 - betas
+    abar = torch.tensor([0.9, 0.72, 0.504], dtype=torch.float64)
+    abar_prev = torch.tensor([1.0, 0.9, 0.72], dtype=torch.float64)
+    k1 = [0.16227766016837947, 0.28625491357158983, 0.4118723280692915]
+    k2 = [0.0, 0.002930790321091633, 0.014469256740527708]
+    assert drda_coefficient(abar).tolist() == pytest.approx(k1, abs=1e-12)
+    assert drds_coefficient(alphas, abar, abar_prev).tolist() == pytest.approx(k2, abs=1e-12)
+    buffers = schedule_buffers(betas)
+    assert buffers["alphas_cumprod"].tolist() == pytest.approx(abar.tolist(), abs=1e-12)
+    assert buffers["extra_term_coef1"].tolist() == pytest.approx(k1, abs=1e-12)
+    assert buffers["extra_term_coef2"].tolist() == pytest.approx(k2, abs=1e-12)
 
 
 def test_posterior_identities():

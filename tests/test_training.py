@@ -3,6 +3,7 @@ import torch
 
 from models import AnlightenDiff
 from models.losses import build_image_loss, dfpl_loss
+from utils.config import config_from_dict
 
 
 def _fixed_step_losses(module: AnlightenDiff, batch: dict, steps: int) -> list[float]:
@@ -95,3 +96,32 @@ def test_lpips_networks_stay_out_of_the_state_dict(tiny_config, images, monkeypa
     assert module.training_step({"low": high * 0.2, "high": high, "name": ["a", "b"]}, 0).item() > 0
     assert set(module.state_dict()) == keys
     assert all(k.startswith(("model.", "encoder.")) for k in keys)
+
+
+def test_training_without_drda_uses_no_anchor_and_no_encoder_features(images, monkeypatch):
+    """use_center false (with stronger_cond false, the only combination the reference runs): the loss is plain
+    DDPM's, mse(UNet(sqrt(abar) x0 + sqrt(1 - abar) eps, t, lr), eps), and the anchor encoder is not run."""
+    config = config_from_dict({"model": {"unet_dim": 8, "dim_mults": [1, 2, 2], "stronger_cond": False},
+                               "diffusion": {"timesteps": 10, "pad_multiple": 8, "use_center": False},
+                               "sampler": {"sampler": "ddpm", "steps": 10},
+                               "val_sampler": {"sampler": "ddim", "steps": 2},
+                               "optim": {"loss_type": "l2", "optimizer": "adamw", "ref_prob": 1.0}})
+    torch.manual_seed(0)
+    module = AnlightenDiff(config)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+
+    def no_encoder(*args):
+        raise AssertionError("the anchor encoder ran in a training step without DRDA")
+
+    monkeypatch.setattr(module.encoder, "forward", no_encoder)
+    low, high = images
+    torch.manual_seed(5)
+    loss = module.training_step(_batch(images), 0)
+    torch.manual_seed(5)  # the same draws, in the reference's order: t, then eps
+    d = module.model
+    t = torch.randint(0, 10, (2,))
+    eps = torch.randn(2, 3, 16, 24)
+    x0 = 2 * (high - low) - 1
+    abar = d.alphas_cumprod[t].reshape(2, 1, 1, 1)
+    eps_hat = d.unet(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, low, [])
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(eps_hat, eps).item(), rel=1e-6)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from utils.config import PRECISIONS, SamplerConfig
+from utils.config import PRECISIONS, ConfigError, SamplerConfig, check_sampler
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -102,8 +102,9 @@ def add_inference_args(parser: argparse.ArgumentParser, defaults: SamplerConfig 
     d = defaults
     parser.add_argument("--ckpt", help="checkpoint: ours or the paper's FS_final.ckpt (default: the bundled "
                                        "checkpoints/default.ckpt)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=d and d.sampler,
-                        help="ddpm: the paper's 100-step sampler; ddim: exact few-step sampler "
+    parser.add_argument("--sampler", choices=("ddpm", "ddim", "anchor"), default=d and d.sampler,
+                        help="ddpm: the paper's 100-step sampler; ddim: exact few-step sampler; anchor: no "
+                             "diffusion steps, the anchor itself (one network pass, a preview) "
                              f"(default: {d.sampler if d else 'the config'})")
     parser.add_argument("--steps", type=int, default=d and d.steps,
                         help=f"sampling steps; ddpm needs all timesteps (default: {d.steps if d else 'the config'})")
@@ -129,11 +130,8 @@ def sampler_from_args(args: argparse.Namespace, base: SamplerConfig, timesteps: 
     """``base`` with the sampler flags of :func:`add_inference_args` that were given, validated."""
     given = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "seed") if getattr(args, k) is not None}
     sampler = dataclasses.replace(base, **given)
-    if sampler.sampler == "ddpm" and sampler.steps != timesteps:
-        raise UserError(f"the ddpm sampler runs all {timesteps} timesteps; use --sampler ddim for --steps "
-                        f"{sampler.steps}")
-    if not 1 <= sampler.steps <= timesteps:
-        raise UserError(f"--steps must be in [1, {timesteps}], got {sampler.steps}")
-    if sampler.eta < 0:
-        raise UserError(f"--eta must be >= 0, got {sampler.eta}")
+    try:
+        check_sampler(sampler, timesteps, "--")
+    except ConfigError as err:
+        raise UserError(str(err)) from None
     return sampler

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ class ModelConfig:
     stronger_cond: bool = True
     cond_on_res: bool = True
     cond_zero_residual: bool = False
+    cond_dim: int | None = None
+    """Width of the anchor encoder (None: ``unet_dim``); may differ only without ``stronger_cond``."""
 
 
 @dataclass
@@ -89,6 +92,11 @@ class OptimConfig:
     ref_prob: float = 0.5
     train_encoder: bool = False
     ema_decay: float | None = None
+    anchor_target: str = "chroma"
+    """Stage ``anchor``: what the encoder learns: ``chroma`` (C(hr), the reference's TS encoder) or ``hr``."""
+    anchor_loss: tuple[str, ...] = ("msssim",)
+    """Stage ``anchor``: image losses summed (msssim = 1 - 4-scale MS-SSIM, l1, l2, lpips_alex, lpips_vgg)."""
+    anchor_loss_weights: tuple[float, ...] = (1.0,)
 
 
 @dataclass
@@ -106,6 +114,10 @@ class DataConfig:
     train_batch_size: int = 24
     eval_batch_size: int = 1
     num_workers: int = 4
+    synth_prob: float = 0.0
+    """Probability that a training crop is replaced by a synthetic pair made from its ``high`` image (exposure
+    variety: see data.exposure); 0 keeps the real pairs only (the reference)."""
+    synth_kinds: tuple[str, ...] = ("dark", "identity", "bright")
 
 
 @dataclass
@@ -139,6 +151,12 @@ class Config:
     """The whole run configuration. Defaults reproduce the reference (faithful) settings."""
 
     seed: int = 3407
+    stage: str = "diffusion"
+    """What this run trains: ``anchor`` (the encoder alone, against ``optim.anchor_target``) or ``diffusion``
+    (the noise predictor; the encoder too if ``optim.train_encoder``)."""
+    init_from: str | None = None
+    """Checkpoint of an earlier stage whose anchor encoder this run loads (and keeps frozen unless
+    ``optim.train_encoder``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -154,8 +172,10 @@ class Config:
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "diffusion.beta_schedule": ("cosine", "linear"),
-    "sampler.sampler": ("ddpm", "ddim"),
-    "val_sampler.sampler": ("ddpm", "ddim"),
+    "stage": ("anchor", "diffusion"),
+    "sampler.sampler": ("ddpm", "ddim", "anchor"),
+    "val_sampler.sampler": ("ddpm", "ddim", "anchor"),
+    "optim.anchor_target": ("chroma", "hr"),
     "optim.loss_type": ("dfpl", "l1", "l2"),
     "optim.dfpl_image_loss": ("lpips_vgg", "lpips_alex", "l1", "l2"),
     "optim.optimizer": ("lion", "adamw"),
@@ -163,6 +183,10 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.use_dataset": ("LOL", "LOLv2", "LOLv2_synthetic", "VELOL", "LOL+LOLv2", "LOL+LOLv2+VELOL", "folder"),
     "trainer.monitor_mode": ("min", "max"),
 }
+
+
+ANCHOR_LOSSES = ("msssim", "l1", "l2", "lpips_alex", "lpips_vgg")
+SYNTH_KINDS = ("dark", "identity", "bright")
 
 
 def _plain(value: Any) -> Any:
@@ -249,18 +273,54 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def _check_consistency(config: Config) -> None:
     if config.model.in_dim != 2 * config.model.unet_outdim:
         raise ConfigError("model.in_dim must be 2 * model.unet_outdim (x_t and the low-light image)")
-    if config.sampler.steps < 1 or config.sampler.steps > config.diffusion.timesteps:
-        raise ConfigError(f"sampler.steps must be in [1, diffusion.timesteps={config.diffusion.timesteps}]")
-    if config.sampler.sampler == "ddpm" and config.sampler.steps != config.diffusion.timesteps:
-        raise ConfigError("sampler.steps: ddpm visits every timestep; use sampler.sampler=ddim for fewer steps")
+    check_sampler(config.sampler, config.diffusion.timesteps, "sampler.")
+    check_sampler(config.val_sampler, config.diffusion.timesteps, "val_sampler.")
+    if not config.diffusion.use_center and config.model.stronger_cond:
+        raise ConfigError("diffusion.use_center: false needs model.stronger_cond: false: without DRDA the reference "
+                          "trains with no anchor and no encoder features, and model.stronger_cond: true feeds the "
+                          "encoder's features into the UNet (the reference cannot run that combination)")
     if config.model.cond_zero_residual and not config.model.cond_on_res:
         raise ConfigError("model.cond_zero_residual needs model.cond_on_res (it zeroes the residual on the "
                           "equalised image)")
     if not 0.0 <= config.optim.ref_prob <= 1.0:
         raise ConfigError("optim.ref_prob must be in [0, 1]")
+    if len(config.optim.anchor_loss) != len(config.optim.anchor_loss_weights):
+        raise ConfigError("optim.anchor_loss_weights needs one weight per optim.anchor_loss entry")
+    for name in config.optim.anchor_loss:
+        if name not in ANCHOR_LOSSES:
+            raise ConfigError(f"optim.anchor_loss: '{name}' is not one of {list(ANCHOR_LOSSES)}")
+    for kind in config.data.synth_kinds:
+        if kind not in SYNTH_KINDS:
+            raise ConfigError(f"data.synth_kinds: '{kind}' is not one of {list(SYNTH_KINDS)}")
+    if not 0.0 <= config.data.synth_prob <= 1.0:
+        raise ConfigError("data.synth_prob must be in [0, 1]")
+    if config.model.cond_dim not in (None, config.model.unet_dim) and config.model.stronger_cond:
+        raise ConfigError("model.cond_dim differs from model.unet_dim, which needs model.stronger_cond: false "
+                          "(the UNet concatenates the encoder's feature maps)")
     multiple = 2 ** (len(config.model.dim_mults) - 1)
     if config.diffusion.pad_multiple % multiple:
         raise ConfigError(f"diffusion.pad_multiple must be a multiple of {multiple} for these dim_mults")
+
+
+def check_sampler(sampler: SamplerConfig, timesteps: int, prefix: str = "sampler.") -> None:
+    """The one validation of sampler settings, for the ``sampler`` and ``val_sampler`` sections, the scripts'
+    flags (``prefix="--"``) and :func:`models.samplers.make_sampler`: a ConfigError naming ``{prefix}{key}``.
+
+    The name must be one of ``CHOICES["sampler.sampler"]``; ``ddpm`` visits all ``timesteps``, ``ddim`` takes
+    1 to ``timesteps`` steps (other samplers take no diffusion steps, so ``steps`` is not theirs to check);
+    ``eta`` (DDIM's noise: 0 deterministic, 1 the DDPM posterior) is a finite number >= 0.
+    """
+    valid = CHOICES["sampler.sampler"]
+    if sampler.sampler not in valid:
+        raise ConfigError(f"{prefix}sampler: unknown sampler {sampler.sampler!r}; valid: {', '.join(valid)}")
+    if sampler.sampler == "ddpm" and sampler.steps != timesteps:
+        raise ConfigError(f"{prefix}steps: the ddpm sampler visits all {timesteps} timesteps (diffusion.timesteps); "
+                          f"use {prefix}sampler=ddim for {sampler.steps} steps")
+    if sampler.sampler == "ddim" and not 1 <= sampler.steps <= timesteps:
+        raise ConfigError(f"{prefix}steps must be in [1, {timesteps}] (diffusion.timesteps), got {sampler.steps}")
+    if not (math.isfinite(sampler.eta) and sampler.eta >= 0):
+        raise ConfigError(f"{prefix}eta must be a number >= 0 (0: deterministic, 1: the DDPM posterior), "
+                          f"got {sampler.eta}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
