@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from data.datasets import PairedImageDataset, find_pairs_dirs
+from data.exposure import ExposureSynthesis
 from utils.config import DataConfig
 
 DATASET_COMBINATIONS: dict[str, tuple[str, ...]] = {
@@ -60,7 +61,8 @@ class LowLightDataModule(pl.LightningDataModule):
     added to training (e.g. synthetic pairs). val_folder: a ``low/`` + ``high/`` folder for validation;
     None means no validation loop (validation is never silently the test split). test_folder: the test
     (and predict) set; None means the test split of the first dataset of ``use_dataset``.
-    image_size: training crop side. Training batches are random crops + augmentation; evaluation uses
+    image_size: training crop side. exposure: synthetic exposures of the targets mixed into training
+    (data.exposure). Training batches are random crops + augmentation; evaluation uses
     full images, batched by ``eval_batch_size`` (images of different sizes in one batch are an error,
     so keep 1 unless all evaluation images share a size). seed: training order and crops.
     """
@@ -77,6 +79,7 @@ class LowLightDataModule(pl.LightningDataModule):
         eval_batch_size: int = 1,
         num_workers: int = 4,
         seed: int = 3407,
+        exposure: ExposureSynthesis | None = None,
     ):
         super().__init__()
         if use_dataset not in DATASET_COMBINATIONS:
@@ -107,6 +110,7 @@ class LowLightDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.exposure = exposure
         self.train_dataset: Dataset | None = None
         self.val_dataset: PairedImageDataset | None = None
         self.test_dataset: PairedImageDataset | None = None
@@ -133,7 +137,8 @@ class LowLightDataModule(pl.LightningDataModule):
         if stage in (None, "fit") and self.train_dataset is None:
             parts = [
                 PairedImageDataset(
-                    low, high, crop_size=self.image_size, augment=True, seed=_sub_seed(self.seed, i)
+                    low, high, crop_size=self.image_size, augment=True, seed=_sub_seed(self.seed, i),
+                    exposure=self.exposure,
                 )
                 for i, (low, high) in enumerate(self.train_dirs())
             ]
@@ -210,4 +215,5 @@ def datamodule_from_config(data: DataConfig, seed: int) -> LowLightDataModule:
         eval_batch_size=data.eval_batch_size,
         num_workers=data.num_workers,
         seed=seed,
+        exposure=ExposureSynthesis(data.synth_prob, data.synth_kinds) if data.synth_prob > 0 else None,
     )

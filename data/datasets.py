@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from data.exposure import ExposureSynthesis
 from utils.image_io import IMAGE_EXTENSIONS, list_images, read_image
 
 LAYOUTS: dict[str, dict[str, str]] = {
@@ -147,7 +148,8 @@ class PairedImageDataset(Dataset):
     crop_size: side of the identical random square crop (None: full images). An image smaller than
     the crop raises ValueError naming it (no padding: padded borders would be fake training content).
     augment: the reference's flips / 90-degree rotation, identical on both images (on a non-square
-    image the rotation becomes a 180-degree one, so shapes never change). seed: fixes the crop and
+    image the rotation becomes a 180-degree one, so shapes never change). exposure: replaces a share of the
+    inputs by synthetic exposures of the target (see data.exposure), after cropping. seed: fixes the crop and
     augmentation stream; each DataLoader worker, each of its incarnations (worker seed) and each
     distributed rank gets its own stream. With seed=None the stream follows torch's seed
     (``pl.seed_everything``). Greyscale/RGBA files become RGB (alpha dropped); an unreadable file
@@ -162,12 +164,14 @@ class PairedImageDataset(Dataset):
         crop_size: int | None = None,
         augment: bool = False,
         seed: int | None = None,
+        exposure: ExposureSynthesis | None = None,
     ):
         if crop_size is not None and crop_size <= 0:
             raise ValueError(f"crop_size must be a positive integer or None, got {crop_size}")
         self.pairs = pair_files(root_low, root_high)
         self.crop_size = crop_size
         self.augment = augment
+        self.exposure = exposure
         self.seed = seed
         self._epoch: int | None = None
         self._rng: np.random.Generator | None = None
@@ -203,6 +207,8 @@ class PairedImageDataset(Dataset):
             low, high = _random_crop(low, high, self.crop_size, self._generator(), low_path)
         if self.augment:
             low, high = _augment(low, high, self._generator())
+        if self.exposure is not None:
+            low, high = self.exposure(low, high, self._generator())
         return {"low": _to_tensor(low), "high": _to_tensor(high), "name": low_path.name}
 
     def _generator(self) -> np.random.Generator:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
 from models.diffusion import GaussianDiffusion
 from utils.lpips import build_lpips
@@ -43,6 +44,29 @@ def build_image_loss(name: str) -> ImageLoss:
     if name == "l2":
         return F.mse_loss
     raise ValueError(f"unknown DFPL image loss '{name}'; valid: lpips_vgg, lpips_alex, l1, l2")
+
+
+class AnchorLoss:
+    """Weighted sum of image losses between the anchor and its target, (B, 3, H, W) in [0, 1].
+
+    ``msssim`` is 1 - MS-SSIM over 4 scales with the first four standard weights, not renormalised (the
+    reference's TS encoder loss; 4 scales fit its 160 px crops).
+    """
+
+    MSSSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363)
+
+    def __init__(self, names: Sequence[str], weights: Sequence[float]):
+        self.terms = [(self._build(name), weight) for name, weight in zip(names, weights, strict=True)]
+
+    @classmethod
+    def _build(cls, name: str) -> ImageLoss:
+        if name == "msssim":
+            return lambda pred, target: 1 - multiscale_structural_similarity_index_measure(
+                pred, target, data_range=1.0, betas=cls.MSSSIM_BETAS)
+        return build_image_loss(name)
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sum(weight * loss(pred, target) for loss, weight in self.terms)
 
 
 def noise_loss(loss_type: str, eps_hat: torch.Tensor, eps_star: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,14 @@ from models.diffusion import GaussianDiffusion
 from models.inference import Enhanced, enhance
 from models.losses import AnchorLoss, Frozen, build_image_loss, dfpl_loss, noise_loss
 from models.unet import NoiseUNet
-from utils.config import Config, SamplerConfig, config_from_dict
+from utils.config import Config, ConfigError, SamplerConfig, config_from_dict
 from utils.lpips import build_lpips, lpips_available
 from utils.metrics import combined_score, image_metrics, to_uint8
+from utils.training import keeps_best_checkpoint
+
+VAL_METRICS = ("psnr", "ssim", "ssim_gray", "lpips", "psnr_gt_mean", "ssim_gt_mean", "combined")
+"""What validation logs, as ``val/<name>`` (``lpips`` and ``combined`` are computed with LPIPS-AlexNet)."""
+LPIPS_METRICS = ("val/lpips", "val/combined")
 
 
 def build_networks(config: Config) -> tuple[AnchorEncoder, GaussianDiffusion]:
@@ -34,6 +39,34 @@ def build_networks(config: Config) -> tuple[AnchorEncoder, GaussianDiffusion]:
                                   use_center=d.use_center, use_center_sampler=d.use_center_sampler,
                                   clip_denoised=d.clip_denoised)
     return encoder, diffusion
+
+
+def logged_metrics(has_validation: bool) -> tuple[str, ...]:
+    """Every metric a training run logs that ``trainer.monitor`` can follow: ``train/loss``, and with validation
+    ``val/<name>`` for each of :data:`VAL_METRICS`."""
+    return ("train/loss", *(f"val/{name}" for name in VAL_METRICS)) if has_validation else ("train/loss",)
+
+
+def monitor_users(config: Config, has_validation: bool) -> list[str]:
+    """What follows ``trainer.monitor`` in this configuration: the best checkpoint, the plateau LR schedule."""
+    users = ["the best checkpoint (trainer.save_top_k)"] if keeps_best_checkpoint(config, has_validation) else []
+    return users + (["optim.scheduler: plateau"] if config.optim.scheduler == "plateau" else [])
+
+
+def check_monitor(config: Config, has_validation: bool) -> None:
+    """Refuse at start-up a ``trainer.monitor`` that something follows but this configuration never logs (a
+    typo, or a val/ metric without validation), which Lightning would report only after the first validation."""
+    users, monitor = monitor_users(config, has_validation), config.trainer.monitor
+    logged = logged_metrics(has_validation)
+    if users and monitor not in logged:
+        why = "" if has_validation else " (no validation: data.val_folder is null)"
+        raise ConfigError(f"trainer.monitor: {monitor!r}, which {' and '.join(users)} follow(s), is never logged by "
+                          f"this configuration{why}; it logs {', '.join(logged)}")
+
+
+def monitor_needs_lpips(config: Config, has_validation: bool) -> bool:
+    """Whether the followed ``trainer.monitor`` is computed with LPIPS-AlexNet (val/lpips, val/combined)."""
+    return bool(monitor_users(config, has_validation)) and config.trainer.monitor in LPIPS_METRICS
 
 
 class AnlightenDiff(pl.LightningModule):
@@ -55,6 +88,19 @@ class AnlightenDiff(pl.LightningModule):
     def trains_encoder(self) -> bool:
         """The anchor stage trains the encoder alone; the diffusion stage only if ``optim.train_encoder``."""
         return self.config.stage == "anchor" or self.config.optim.train_encoder
+
+    def prepare_training(self, has_validation: bool) -> None:
+        """Build now, before a run writes anything, every LPIPS network training will use, so that missing
+        weights stop the run at once with LPIPSWeightsMissing (its message names the command that fetches them)
+        instead of in the first training step or after the first validation: the training loss (DFPL's image
+        loss, or the anchor stage's losses) and LPIPS-AlexNet when the followed monitor is computed with it."""
+        optim = self.config.optim
+        if self.config.stage == "anchor":
+            self._anchor_loss = AnchorLoss(optim.anchor_loss, optim.anchor_loss_weights)
+        elif optim.loss_type == "dfpl":
+            self._image_loss = build_image_loss(optim.dfpl_image_loss)
+        if monitor_needs_lpips(self.config, has_validation) and self._lpips_alex is None:
+            self._lpips_alex = Frozen(build_lpips("alex"))
 
     def load_encoder_from(self, checkpoint: dict[str, Any]) -> None:
         """Copy the anchor encoder of an earlier stage's checkpoint (a state dict with ``encoder.*`` keys)."""
