@@ -279,6 +279,15 @@ CASES: list[Any] = [
     pytest.param("train.py", lambda w: train_argv(w, f"trainer.output_dir={read_only_dir(w)}"),
                  r"trainer\.output_dir .*read_only/tiny: cannot write there \(Permission denied", True,
                  id="train-read_only_output"),
+    pytest.param("train.py", lambda w: train_argv(w, "trainer.monitor=val/psnrr", f"data.val_folder={w.pairs}"),
+                 r"trainer\.monitor: 'val/psnrr', which the best checkpoint .* is never logged by this configuration; "
+                 r"it logs train/loss, val/psnr, ", True, id="train-monitor_never_logged"),
+    pytest.param("train.py", lambda w: train_argv(w, "optim.scheduler=plateau"),
+                 r"trainer\.monitor: 'val/psnr', which optim\.scheduler: plateau follow\(s\), is never logged by this "
+                 r"configuration \(no validation: data\.val_folder is null\)", True,
+                 id="train-plateau_on_a_val_metric_without_validation"),
+    pytest.param("train.py", lambda w: train_argv(w, "val_sampler.eta=-3"),
+                 r"val_sampler\.eta must be a number >= 0", True, id="train-bad_val_sampler"),
     *[pytest.param("test.py", evaluate_on(kind), BAD_DATA_MESSAGES[kind], True, id=f"test-{kind}")
       for kind in BAD_DATA if kind != "smaller_than_crop"],
     pytest.param("test.py", lambda w: evaluate_argv(w, ckpt=truncated_copy(w.ckpt, w.root / "half.ckpt")),
@@ -860,3 +869,22 @@ def test_the_best_checkpoint_holds_the_weights_its_validation_scored(world, caps
     assert best.name == f"best-step={step}.ckpt"
     assert step - 1 in psnr and psnr[step - 1] == max(psnr.values())  # saved right after the best validation
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 8
+
+
+# ----------------------------------------------------------------------------------------------- start-up checks
+@pytest.mark.parametrize("extra, net", [
+    (("optim.dfpl_image_loss=lpips_vgg",), "vgg"),
+    (("optim.loss_type=l2", "trainer.monitor=val/combined", "data.val_folder={pairs}"), "alex"),
+], ids=["dfpl_backbone", "lpips_alex_for_the_monitor"])
+def test_missing_lpips_weights_stop_training_before_the_run_folder_exists(world, capsys, monkeypatch, extra, net):
+    """The LPIPS networks a run needs are built at start-up: missing weights end it with the command that fetches
+    them, before its run folder exists (not in the first training step, nor as a traceback after validation)."""
+    monkeypatch.setenv("ANLIGHTENDIFF_LPIPS_DIR", str(world.root.parent / "no_lpips"))
+    monkeypatch.setenv("TORCH_HOME", str(world.root.parent / "no_torch_home"))
+    before = snapshot(world.root)
+    argv = train_argv(world, *(e.format(pairs=world.pairs) for e in extra))
+    code, _, err = run_in_process(train, argv, capsys)
+    assert code == 2, err[-3000:]
+    assert_one_error(err, rf"LPIPS-{net} needs the ImageNet backbone weights.*Run `python -m utils\.lpips_weights`")
+    assert_kept(before, world.root, nothing_new=True)
+    assert not (world.runs / "tiny" / "version_1").exists()

@@ -3,7 +3,10 @@ import torch
 
 from models import AnlightenDiff
 from models.losses import build_image_loss, dfpl_loss
-from utils.config import config_from_dict
+from models.module import check_monitor, logged_metrics
+from tests.conftest import TINY
+from utils.config import ConfigError, config_from_dict
+from utils.training import build_strategy, has_unused_trained_parameters
 
 
 def _fixed_step_losses(module: AnlightenDiff, batch: dict, steps: int) -> list[float]:
@@ -125,3 +128,59 @@ def test_training_without_drda_uses_no_anchor_and_no_encoder_features(images, mo
     abar = d.alphas_cumprod[t].reshape(2, 1, 1, 1)
     eps_hat = d.unet(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, low, [])
     assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(eps_hat, eps).item(), rel=1e-6)
+
+
+UNUSED_CASES = {
+    "frozen_encoder": {},
+    "frozen_encoder_no_stronger_cond": {"model": {"stronger_cond": False}},
+    "no_drda": {"model": {"stronger_cond": False}, "diffusion": {"use_center": False}},
+    "trained_encoder": {"optim": {"train_encoder": True}},
+    "trained_encoder_no_drda": {"model": {"stronger_cond": False}, "diffusion": {"use_center": False},
+                                "optim": {"train_encoder": True}},
+    "anchor_stage": {"stage": "anchor", "optim": {"anchor_target": "hr", "anchor_loss": ["l1"],
+                                                  "anchor_loss_weights": [1.0]}},
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSED_CASES))
+def test_ddp_looks_for_unused_parameters_exactly_when_a_trained_one_goes_unused(case, images, monkeypatch):
+    """Training steps with and without teacher forcing: the trained parameters left without a gradient decide
+    whether DDP needs find_unused_parameters (it costs a graph traversal per step when set needlessly)."""
+    data = {section: dict(values) if isinstance(values, dict) else values for section, values in TINY.items()}
+    for section, values in UNUSED_CASES[case].items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    config = config_from_dict(data)
+    torch.manual_seed(0)
+    module = AnlightenDiff(config)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    unused = set()
+    for ref_prob in (0.0, 1.0):
+        module.config.optim.ref_prob = ref_prob
+        module.zero_grad(set_to_none=True)
+        module.training_step(_batch(images), 0).backward()
+        unused |= {name for name, p in module.named_parameters() if p.requires_grad and p.grad is None}
+    config.trainer.strategy = "ddp"
+    strategy = build_strategy(config)
+    assert strategy._ddp_kwargs["find_unused_parameters"] == bool(unused), sorted(unused)[:5]
+    assert has_unused_trained_parameters(config) == bool(unused)
+
+
+@pytest.mark.lpips_weights
+def test_validation_logs_exactly_the_metrics_a_monitor_may_follow(tiny_config, images, monkeypatch):
+    """check_monitor refuses what logged_metrics leaves out: validation must log every one of them, and no other."""
+    module = AnlightenDiff(tiny_config)
+    names: set[str] = set()
+    monkeypatch.setattr(module, "log_dict", lambda values, **k: names.update(values))
+    monkeypatch.setattr(module, "_log_grid", lambda *a: None)
+    low, high = (torch.nn.functional.interpolate(x, size=(64, 64)) for x in images)
+    module.validation_step({"low": low, "high": high, "name": ["a", "b"]}, 0)
+    assert names == set(logged_metrics(True)) - {"train/loss"}
+    for name in logged_metrics(True):
+        tiny_config.trainer.monitor = name
+        check_monitor(tiny_config, has_validation=True)
+    tiny_config.trainer.monitor, tiny_config.optim.scheduler = "val/psnr", "plateau"
+    with pytest.raises(ConfigError, match=r"trainer\.monitor: 'val/psnr'.*no validation"):
+        check_monitor(tiny_config, has_validation=False)

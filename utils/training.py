@@ -271,11 +271,23 @@ def build_callbacks(config: Config, checkpoint_dir: Path, has_validation: bool, 
     return callbacks
 
 
+def has_unused_trained_parameters(config: Config) -> bool:
+    """Whether a trained parameter can go without a gradient in a training step, which DDP must then look for
+    (``find_unused_parameters``: one more traversal of the graph every step; without it DDP stops at such a step).
+
+    Only the anchor encoder's can: it owns a time MLP it never runs (so that the official checkpoint loads), its
+    output is not used on teacher-forced steps nor its feature maps in the anchor stage, and without DRDA it does
+    not run at all. So: when the encoder is trained (the anchor stage, or ``optim.train_encoder``). The denoising
+    UNet uses every parameter in every step, and a frozen encoder has no trained parameters."""
+    return config.stage == "anchor" or config.optim.train_encoder
+
+
 def build_strategy(config: Config) -> str | Strategy:
-    """``trainer.strategy``; plain ``ddp`` lets DDP find parameters without gradients, which this model always
-    has: the anchor encoder keeps a time MLP it never uses (so that the official checkpoint loads) and is either
-    frozen or, when trained, unused on teacher-forced steps. Without it DDP stops at the first step."""
-    return DDPStrategy(find_unused_parameters=True) if config.trainer.strategy == "ddp" else config.trainer.strategy
+    """``trainer.strategy``; for plain ``ddp``, DDP looks for parameters without gradients only when the
+    configuration has some (:func:`has_unused_trained_parameters`)."""
+    if config.trainer.strategy != "ddp":
+        return config.trainer.strategy
+    return DDPStrategy(find_unused_parameters=has_unused_trained_parameters(config))
 
 
 def build_trainer(config: Config, logger: TensorBoardLogger, callbacks: list[Callback],
