@@ -31,8 +31,8 @@ from utils.cli import (
 )
 from utils.config import ConfigError, load_config
 from utils.image_io import ImageReadError, atomic_write, read_image, save_png
-from utils.lpips import build_lpips, lpips_available, missing_weights_message
-from utils.metrics import image_metrics, to_uint8
+from utils.lpips import MIN_SIZES, build_lpips, lpips_available, missing_weights_message
+from utils.metrics import SSIM_MIN_SIZE, image_metrics, to_uint8
 
 METRICS = ("psnr", "ssim", "ssim_gray", "lpips", "psnr_gt_mean", "ssim_gt_mean")
 
@@ -138,8 +138,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores = image_metrics(out_u8, gt_u8, lpips_model=lpips_model, reference_protocol=args.reference_protocol)
         rows.append({"name": item["name"], **scores})
     means = summarise(rows)
+    lpips_note = None if lpips_model else missing_weights_message("alex").splitlines()[0]
+    too_small = [r["name"] for r in rows if r["lpips"] is None] if lpips_model else []
+    if too_small:
+        lpips_note = (f"LPIPS-AlexNet is undefined on images smaller than {MIN_SIZES['alex']}x{MIN_SIZES['alex']} "
+                      f"pixels: null for {len(too_small)} image(s) ({', '.join(too_small)}), so the mean LPIPS is null")
+        print(f"note: {lpips_note}", file=sys.stderr)
+    tiny = [r["name"] for r in rows if r["ssim"] is None]
+    ssim_note = None
+    if tiny:
+        ssim_note = (f"SSIM is undefined on images smaller than its {SSIM_MIN_SIZE}x{SSIM_MIN_SIZE} window: null for "
+                     f"{len(tiny)} image(s) ({', '.join(tiny)}), so the mean SSIMs are null")
+        print(f"note: {ssim_note}", file=sys.stderr)
     summary = {**means, "n": len(rows), "per_image": rows,
-               "lpips_note": None if lpips_model else missing_weights_message("alex").splitlines()[0],
+               "lpips_note": lpips_note, "ssim_note": ssim_note,
                "protocol": "reference" if args.reference_protocol else "fixed",
                "sampler": dataclasses.asdict(sampler),
                "precision": precision,

