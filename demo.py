@@ -201,9 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = sample_images(args.samples)
     app = build_app(model, defaults, args.max_pixels, samples, precision)
     print(f"{len(samples)} sample image(s) from {args.samples}; Ctrl+C stops the server")
-    launch(app, args.host, args.port, args.samples)
+    try:
+        launch(app, args.host, args.port, args.samples)
+    except OSError as err:  # the address is taken or not this machine's
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {err}") from None
     return 0
 
 
+USER_ERRORS = (CheckpointError,)
+"""The project's own errors for what the user can fix (with UserError): one line, exit 2. Anything else is a bug
+and keeps its traceback."""
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, (CheckpointError, OSError)))
+    sys.exit(run_cli(main, USER_ERRORS))

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from data.datamodule import datamodule_from_config
+from data.datasets import DatasetError, DatasetNotFoundError
 from models import CheckpointError, load_for_inference, resolve_checkpoint
 from utils.cli import (
     UserError,
@@ -30,9 +31,9 @@ from utils.cli import (
     sampler_from_args,
 )
 from utils.config import ConfigError, load_config
-from utils.image_io import ImageReadError, atomic_write, read_image, save_png
+from utils.image_io import ImagePathNotFoundError, ImageReadError, OutputExistsError, atomic_write, read_image, save_png
 from utils.lpips import MIN_SIZES, build_lpips, lpips_available, missing_weights_message
-from utils.metrics import SSIM_MIN_SIZE, image_metrics, to_uint8
+from utils.metrics import SSIM_MIN_SIZE, center_crop_boxes, image_metrics, to_uint8
 
 METRICS = ("psnr", "ssim", "ssim_gray", "lpips", "psnr_gt_mean", "ssim_gt_mean")
 
@@ -50,7 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     parser.add_argument("--reference-protocol", action="store_true",
                         help="reproduce the paper's numbers exactly: truncate outputs to uint8, BGR swap before "
-                             "grey SSIM and LPIPS, column-wise grey SSIM (see utils/metrics.py)")
+                             "grey SSIM and LPIPS, column-wise grey SSIM, and with data.test_geometry: center_crop "
+                             "(cfg/test/LOL_TS.yaml) the TS code's input and ground-truth crop offsets (see "
+                             "utils/metrics.py)")
     add_inference_args(parser)
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
@@ -100,6 +103,22 @@ def print_table(rows: list[dict[str, Any]], means: dict[str, Any]) -> None:
         print(f"{row['name'][:24]:<24}" + "".join(f"{fmt(row[k]):>14}" for k in METRICS))
 
 
+def fit_geometry(item: dict[str, Any], geometry: str, multiple: int, reference_protocol: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, ground truth) of a test item, (3, H, W) each, as ``data.test_geometry`` scores them: ``pad`` as
+    they are (the model pads internally), ``center_crop`` the TS reference's centred crops to multiples of
+    ``multiple`` (:func:`utils.metrics.center_crop_boxes`)."""
+    low, high = item["low"], item["high"]
+    if geometry == "pad":
+        return low, high
+    try:
+        boxes = center_crop_boxes(*low.shape[-2:], multiple, reference_protocol)
+    except ValueError as err:
+        raise UserError(f"{item['name']}: {err} (data.test_geometry: center_crop)") from None
+    (top, left, h, w), (gt_top, gt_left, _, _) = boxes
+    return low[:, top:top + h, left:left + w], high[:, gt_top:gt_top + h, gt_left:gt_left + w]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"data.test_folder={args.test_folder}"] if args.test_folder else [])
@@ -131,9 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for index in tqdm(range(len(dataset)), desc="testing", unit="image"):
         item = dataset[index]
-        result = model.enhance(item["low"][None].to(device), sampler, precision=precision)
+        low, high = fit_geometry(item, config.data.test_geometry, model.config.diffusion.pad_multiple,
+                                 args.reference_protocol)
+        result = model.enhance(low[None].to(device), sampler, precision=precision)
         out_u8 = to_uint8(result.image[0].float().cpu(), mode=mode)
-        gt_u8 = to_uint8(item["high"])  # the file's exact bytes: round-trips through float
+        gt_u8 = to_uint8(high)  # the file's exact bytes: round-trips through float
         save_png(output / f"{Path(item['name']).stem}.png", out_u8, overwrite=args.overwrite)
         scores = image_metrics(out_u8, gt_u8, lpips_model=lpips_model, reference_protocol=args.reference_protocol)
         rows.append({"name": item["name"], **scores})
@@ -163,7 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-USER_ERRORS = (ConfigError, CheckpointError, ImageReadError, FileNotFoundError, FileExistsError, ValueError)
+USER_ERRORS = (ConfigError, CheckpointError, ImageReadError, ImagePathNotFoundError, OutputExistsError, DatasetError,
+               DatasetNotFoundError)
+"""The project's own errors for what the user can fix (with UserError): one line, exit 2. Anything else is a bug
+and keeps its traceback."""
 
 if __name__ == "__main__":
     sys.exit(run_cli(main, USER_ERRORS))

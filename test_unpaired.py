@@ -23,7 +23,16 @@ from utils.cli import (
     sampler_from_args,
 )
 from utils.config import FAST_SAMPLER
-from utils.image_io import ImageReadError, list_images, read_image, save_grid, save_png
+from utils.image_io import (
+    ImagePathNotFoundError,
+    ImageReadError,
+    NotAnImageFileError,
+    OutputExistsError,
+    list_images,
+    read_image,
+    save_grid,
+    save_png,
+)
 
 DEFAULT_MAX_PIXELS = 4096 * 1024
 """Largest image (width x height) enhanced in one piece by default: its activations alone take several GB."""
@@ -72,6 +81,17 @@ def check_sizes(files: Sequence[Path], max_pixels: int) -> None:
                         "--max-pixels if this machine has the memory")
 
 
+def check_tiling(tile: int | None, overlap: int, pad_multiple: int) -> None:
+    """Refuse a --tile the model cannot tile with (a positive multiple of its padding) or an overlap outside
+    [0, tile)."""
+    if tile is None:
+        return
+    if tile < pad_multiple or tile % pad_multiple:
+        raise UserError(f"--tile must be a positive multiple of {pad_multiple} (the model's padding), got {tile}")
+    if not 0 <= overlap < tile:
+        raise UserError(f"--tile-overlap must be in [0, --tile) = [0, {tile}), got {overlap}")
+
+
 def output_paths(inputs: Sequence[str], files: Sequence[Path], output: Path) -> dict[Path, Path]:
     """Map each input file to ``output/<relative folder>/<stem>.png``, keeping the folder structure of
     folder inputs so that equal names from different folders do not collide."""
@@ -105,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     precision = check_precision(args.precision, device)
     model = load_for_inference(args.ckpt, device)
     sampler = sampler_from_args(args, FAST_SAMPLER, model.config.diffusion.timesteps)
+    check_tiling(args.tile, args.tile_overlap, model.config.diffusion.pad_multiple)
     if args.grid and Path(args.grid).exists() and not args.overwrite:
         raise UserError(f"--grid {args.grid} already exists; pass --overwrite to replace it")
     ensure_output_dir(output, "--output")
@@ -130,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failures else 0
 
 
-USER_ERRORS = (CheckpointError, FileNotFoundError, FileExistsError, ImageReadError, ValueError)
+USER_ERRORS = (CheckpointError, ImagePathNotFoundError, NotAnImageFileError, OutputExistsError, ImageReadError)
+"""The project's own errors for what the user can fix (with UserError): one line, exit 2. Anything else is a bug
+and keeps its traceback."""
 
 if __name__ == "__main__":
     sys.exit(run_cli(main, USER_ERRORS))

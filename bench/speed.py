@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.datasets import pair_files
+from data.datasets import DatasetError, DatasetNotFoundError, pair_files
 from models import CheckpointError, build_networks, load_checkpoint
 from models.anchor import condition_features
 from models.inference import (
@@ -49,7 +49,7 @@ from models.inference import (
 from models.samplers import make_sampler
 from utils.cli import UserError, resolve_device, run_cli
 from utils.config import FAST_SAMPLER, Config, ConfigError, load_config
-from utils.image_io import ImageReadError, read_image
+from utils.image_io import ImagePathNotFoundError, ImageReadError, read_image
 from utils.lpips import build_lpips, lpips_available
 from utils.metrics import image_metrics, to_uint8
 
@@ -471,4 +471,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, (CheckpointError, ConfigError, ImageReadError, FileNotFoundError, ValueError)))
+    sys.exit(run_cli(main, (CheckpointError, ConfigError, ImageReadError, ImagePathNotFoundError, DatasetError,
+                            DatasetNotFoundError)))

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from data.datasets import PairedImageDataset, find_pairs_dirs
+from data.datasets import DatasetError, PairedImageDataset, find_pairs_dirs
 from data.exposure import ExposureSynthesis
 from utils.config import DataConfig
 
@@ -38,11 +38,11 @@ _ROOT_KEY = {"LOL": "LOL", "LOLv2": "LOLv2", "LOLv2_synthetic": "LOLv2", "VELOL"
 
 
 def collate_pairs(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack dataset items into a batch; images of different sizes raise ValueError naming them."""
+    """Stack dataset items into a batch; images of different sizes raise DatasetError naming them."""
     sizes = {tuple(item["low"].shape) for item in batch}
     if len(sizes) > 1:
         listing = ", ".join(f"{it['name']} ({it['low'].shape[2]}x{it['low'].shape[1]})" for it in batch)
-        raise ValueError(
+        raise DatasetError(
             f"cannot batch full-size images of different sizes: {listing}; use eval_batch_size=1"
         )
     return {
@@ -84,22 +84,22 @@ class LowLightDataModule(pl.LightningDataModule):
         super().__init__()
         if use_dataset not in DATASET_COMBINATIONS:
             choices = list(DATASET_COMBINATIONS)
-            raise ValueError(f"unknown use_dataset {use_dataset!r}; expected one of {choices}")
+            raise DatasetError(f"unknown use_dataset {use_dataset!r}; expected one of {choices}")
         unknown = set(roots or {}) - set(DEFAULT_ROOTS)
         if unknown:
             expected = sorted(DEFAULT_ROOTS)
-            raise ValueError(f"unknown roots key(s) {sorted(unknown)}; expected some of {expected}")
+            raise DatasetError(f"unknown roots key(s) {sorted(unknown)}; expected some of {expected}")
         if use_dataset == "folder" and not extra_train_folders:
-            raise ValueError('use_dataset="folder" trains on extra_train_folders, which is empty')
+            raise DatasetError('use_dataset="folder" trains on extra_train_folders, which is empty')
         for name, value in (
             ("image_size", image_size),
             ("train_batch_size", train_batch_size),
             ("eval_batch_size", eval_batch_size),
         ):
             if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+                raise DatasetError(f"{name} must be positive, got {value}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise DatasetError(f"num_workers must be >= 0, got {num_workers}")
         self.use_dataset = use_dataset
         self.roots = {**DEFAULT_ROOTS, **(roots or {})}
         self.extra_train_folders = list(extra_train_folders)
@@ -129,7 +129,7 @@ class LowLightDataModule(pl.LightningDataModule):
             return find_pairs_dirs("folder", self.test_folder)
         kinds = DATASET_COMBINATIONS[self.use_dataset]
         if not kinds:
-            raise ValueError('use_dataset="folder" has no default test set: set test_folder')
+            raise DatasetError('use_dataset="folder" has no default test set: set test_folder')
         return find_pairs_dirs(kinds[0], self.roots[_ROOT_KEY[kinds[0]]], "test")
 
     def setup(self, stage: str | None = None) -> None:

@@ -21,6 +21,16 @@ from torch.utils.data import Dataset, get_worker_info
 from data.exposure import ExposureSynthesis
 from utils.image_io import IMAGE_EXTENSIONS, list_images, read_image
 
+
+class DatasetError(ValueError):
+    """A dataset cannot be used as configured (no images, unpaired files, images smaller than the crop, ...);
+    the message names the files or folders and what to change."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder is missing; the message names it and the layout expected."""
+
+
 LAYOUTS: dict[str, dict[str, str]] = {
     "LOL": {"train": "our485", "test": "eval15"},
     "LOLv2": {"train": "Real_captured/Train", "test": "Real_captured/Test"},
@@ -43,12 +53,12 @@ def find_pairs_dirs(kind: str, root: str | os.PathLike[str], split: str = "train
     ``<root>/VE-LOL-L-Cap-Full/{train,test}/{low,high}``; folder ``<root>/{low,high}`` (split ignored).
     Folder names match case-insensitively and the high folder may be called ``high`` or ``normal``, so
     both the shipped and the reference's renamed layouts work. A missing folder raises
-    FileNotFoundError naming the expected path and the layout.
+    DatasetNotFoundError (a FileNotFoundError) naming the expected path and the layout.
     """
     if kind not in LAYOUTS:
-        raise ValueError(f"unknown dataset layout {kind!r}; expected one of {sorted(LAYOUTS)}")
+        raise DatasetError(f"unknown dataset layout {kind!r}; expected one of {sorted(LAYOUTS)}")
     if split not in LAYOUTS[kind]:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(LAYOUTS[kind])}")
+        raise DatasetError(f"unknown split {split!r}; expected one of {sorted(LAYOUTS[kind])}")
     root = Path(root)
     relative = LAYOUTS[kind][split]
     expected = root / relative
@@ -59,7 +69,7 @@ def find_pairs_dirs(kind: str, root: str | os.PathLike[str], split: str = "train
         missing = [str(expected / "low")] if low is None else []
         missing += [str(expected / "high")] if high is None else []
         which = "folder dataset" if kind == "folder" else f"{kind} dataset ({split} split)"  # a folder has no split
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"{which} not found: missing folder(s) {', '.join(missing)}. "
             f"Expected layout: {_describe_layout(kind, root)}"
         )
@@ -110,7 +120,7 @@ def pair_key(path: str | os.PathLike[str]) -> str:
 def pair_files(low_dir: str | os.PathLike[str], high_dir: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
     """Match the images of two folders by ``pair_key``; sorted by low file.
 
-    Raises FileNotFoundError for a missing folder, and ValueError for a folder without images, two files
+    Raises DatasetNotFoundError for a missing folder, and DatasetError for a folder without images, two files
     of one folder with the same key, or files without a counterpart (all of them are listed).
     """
     low_files = _keyed_images(Path(low_dir))
@@ -118,7 +128,7 @@ def pair_files(low_dir: str | os.PathLike[str], high_dir: str | os.PathLike[str]
     unpaired = [str(low_files[k]) for k in low_files.keys() - high_files.keys()]
     unpaired += [str(high_files[k]) for k in high_files.keys() - low_files.keys()]
     if unpaired:
-        raise ValueError(
+        raise DatasetError(
             f"{len(unpaired)} file(s) without a counterpart between {str(low_dir)!r} and {str(high_dir)!r} "
             f"(pairs share a name up to case and a low/normal/high prefix): {', '.join(sorted(unpaired))}"
         )
@@ -127,15 +137,15 @@ def pair_files(low_dir: str | os.PathLike[str], high_dir: str | os.PathLike[str]
 
 def _keyed_images(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {str(folder)!r}")
+        raise DatasetNotFoundError(f"image folder not found: {str(folder)!r}")
     files = list_images([folder], recursive=False)
     if not files:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {str(folder)!r}")
+        raise DatasetError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {str(folder)!r}")
     keyed: dict[str, Path] = {}
     for path in files:
         key = pair_key(path)
         if key in keyed:
-            raise ValueError(
+            raise DatasetError(
                 f"ambiguous pairing: {str(keyed[key])!r} and {str(path)!r} have the same name key {key!r}"
             )
         keyed[key] = path
@@ -146,7 +156,7 @@ class PairedImageDataset(Dataset):
     """Aligned low/high image pairs from two folders (see the module docstring for the item format).
 
     crop_size: side of the identical random square crop (None: full images). An image smaller than
-    the crop raises ValueError naming it (no padding: padded borders would be fake training content).
+    the crop raises DatasetError naming it (no padding: padded borders would be fake training content).
     augment: the reference's flips / 90-degree rotation, identical on both images (on a non-square
     image the rotation becomes a 180-degree one, so shapes never change). exposure: replaces a share of the
     inputs by synthetic exposures of the target (see data.exposure), after cropping. seed: fixes the crop and
@@ -167,7 +177,7 @@ class PairedImageDataset(Dataset):
         exposure: ExposureSynthesis | None = None,
     ):
         if crop_size is not None and crop_size <= 0:
-            raise ValueError(f"crop_size must be a positive integer or None, got {crop_size}")
+            raise DatasetError(f"crop_size must be a positive integer or None, got {crop_size}")
         self.pairs = pair_files(root_low, root_high)
         self.crop_size = crop_size
         self.augment = augment
@@ -199,7 +209,7 @@ class PairedImageDataset(Dataset):
         low = read_image(low_path).rgb
         high = read_image(high_path).rgb
         if low.shape != high.shape:
-            raise ValueError(
+            raise DatasetError(
                 f"pair sizes differ: {str(low_path)!r} is {low.shape[1]}x{low.shape[0]}, "
                 f"{str(high_path)!r} is {high.shape[1]}x{high.shape[0]} (width x height)"
             )
@@ -242,7 +252,7 @@ def _random_crop(
     """The same random size x size window of two HxWxC arrays."""
     height, width = low.shape[:2]
     if height < size or width < size:
-        raise ValueError(
+        raise DatasetError(
             f"image {str(path)!r} is {width}x{height} (width x height), smaller than the "
             f"{size}x{size} training crop; lower image_size or remove the image"
         )

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from data.datasets import find_pairs_dirs, pair_files
+from data.datasets import DatasetError, DatasetNotFoundError, find_pairs_dirs, pair_files
 from utils.cli import UserError, run_cli
 
 
@@ -49,4 +49,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, (UserError, FileNotFoundError)))
+    sys.exit(run_cli(main, (UserError, DatasetError, DatasetNotFoundError)))

@@ -186,6 +186,8 @@ def test_test_unpaired_never_overwrites(tmp_path, tiny_ckpt):
     (["--input", "{inputs}", "--output", "o", "--sampler", "ddpm", "--steps", "3"], "ddpm"),
     (["--input", "{inputs}", "--output", "o", "--device", "cuda:7"], "cuda"),
     (["--input", "{inputs}", "--output", "o", "--ckpt", "{file}"], "not a readable PyTorch checkpoint"),
+    (["--input", "{inputs}", "--output", "o", "--tile", "12"], "--tile must be a positive multiple of 8"),
+    (["--input", "{inputs}", "--output", "o", "--tile", "16", "--tile-overlap", "16"], "--tile-overlap must be in"),
 ])
 def test_test_unpaired_errors_are_one_line(tmp_path, tiny_ckpt, capsys, argv, message):
     inputs = tmp_path / "in"

@@ -33,6 +33,18 @@ class ImageReadError(ValueError):
         super().__init__(f"cannot read image {str(self.path)!r}: {reason}")
 
 
+class ImagePathNotFoundError(FileNotFoundError):
+    """An image file or folder named by the user does not exist; the message names it."""
+
+
+class NotAnImageFileError(ValueError):
+    """A file named explicitly as an image input does not have an image extension."""
+
+
+class OutputExistsError(FileExistsError):
+    """Writing would replace an existing file, which the caller did not allow."""
+
+
 @dataclass(frozen=True)
 class LoadedImage:
     """A decoded image.
@@ -52,12 +64,12 @@ def read_image(path: str | os.PathLike[str]) -> LoadedImage:
     Greyscale is replicated to three channels; palette images with a transparent colour get an alpha
     channel; 16-bit integer images (I;16, I;16B, I) are divided by 65535 and float (F) images are
     clipped to [0, 1] (NaN becomes 0). Pillow reduces 16-bit *colour* PNGs to 8 bits; such files are
-    read at 8 bits. Raises FileNotFoundError for a missing file and ImageReadError for an empty,
-    truncated, corrupt or non-image file.
+    read at 8 bits. Raises ImagePathNotFoundError (a FileNotFoundError) for a missing file and
+    ImageReadError for an empty, truncated, corrupt or non-image file.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {str(path)!r}")
+        raise ImagePathNotFoundError(f"image file not found: {str(path)!r}")
     if path.stat().st_size == 0:
         raise ImageReadError(path, "the file is empty (0 bytes)")
     try:
@@ -123,7 +135,7 @@ def atomic_write(
 
     Readers see either the old file or the complete new one. Parent directories are created. If
     ``write_fn`` raises, the temporary file is removed, the old file (if any) is left untouched and
-    the exception propagates. With ``overwrite=False`` an existing ``path`` raises FileExistsError
+    the exception propagates. With ``overwrite=False`` an existing ``path`` raises OutputExistsError
     (checked atomically where the filesystem supports hard links). Returns ``path``.
     """
     path = Path(path)
@@ -162,8 +174,8 @@ def _publish_exclusive(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def _exists_error(path: Path) -> FileExistsError:
-    return FileExistsError(
+def _exists_error(path: Path) -> OutputExistsError:
+    return OutputExistsError(
         f"refusing to overwrite existing file {str(path)!r} (pass overwrite=True to replace it)"
     )
 
@@ -226,7 +238,8 @@ def list_images(paths: Sequence[str | os.PathLike[str]], recursive: bool = True)
 
     Folders contribute files whose extension is in IMAGE_EXTENSIONS (any case), searched recursively
     or not; hidden files (names starting with '.', e.g. macOS '._x.png' forks) are skipped. A missing
-    path raises FileNotFoundError; a file named explicitly that is not an image raises ValueError.
+    path raises ImagePathNotFoundError (a FileNotFoundError); a file named explicitly that is not an image
+    raises NotAnImageFileError (a ValueError).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -238,10 +251,10 @@ def list_images(paths: Sequence[str | os.PathLike[str]], recursive: bool = True)
         elif entry.is_file():
             if entry.suffix.lower() not in IMAGE_EXTENSIONS:
                 allowed = ", ".join(sorted(IMAGE_EXTENSIONS))
-                raise ValueError(f"{str(entry)!r} is not an image file (extension must be one of {allowed})")
+                raise NotAnImageFileError(f"{str(entry)!r} is not an image file (extension must be one of {allowed})")
             found.add(entry)
         else:
-            raise FileNotFoundError(f"no such file or folder: {str(entry)!r}")
+            raise ImagePathNotFoundError(f"no such file or folder: {str(entry)!r}")
     return sorted(found)
 
 

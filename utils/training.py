@@ -37,10 +37,14 @@ def next_version(run_root: Path) -> int:
     return max(versions, default=-1) + 1
 
 
+class TrainingDiverged(FloatingPointError):
+    """Training produced a non-finite loss or non-finite weights; the message names the step."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` through :func:`utils.image_io.atomic_write` (temporary file in the same folder, fsync,
     rename): an interrupted or failed write (Ctrl-C, disk full) never leaves a truncated checkpoint and the
-    previous file of that name stays intact. Weights that are not all finite are refused with FloatingPointError,
+    previous file of that name stays intact. Weights that are not all finite are refused with TrainingDiverged,
     so a diverged run never replaces its last good checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -49,7 +53,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         bad = next((k for k, v in checkpoint.get("state_dict", {}).items()
                     if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
-            raise FloatingPointError(f"non-finite weights ({bad}) at step {checkpoint.get('global_step')}: "
+            raise TrainingDiverged(f"non-finite weights ({bad}) at step {checkpoint.get('global_step')}: "
                                      f"{path} not written, the previous checkpoint is kept")
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
