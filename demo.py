@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from models import AnlightenDiff, CheckpointError, load_for_inference
+from models.brightness import BRIGHTNESS_RANGE, check_target, match_brightness
 from utils.cli import UserError, add_inference_args, check_precision, resolve_device, run_cli, sampler_from_args
 from utils.config import FAST_SAMPLER, SamplerConfig
 from utils.image_io import ImageReadError, LoadedImage, list_images, read_image, save_png
@@ -115,17 +116,34 @@ def tile_options(tile: int, pad_multiple: int) -> dict[str, int]:
     return {"tile": tile, "tile_overlap": min(MAX_TILE_OVERLAP, tile // 4)} if tile else {}
 
 
+def brightness_target(value: float | None) -> float | None:
+    """The brightness slider's value as :func:`models.brightness.match_brightness`'s target: None (automatic)
+    for 0, else a mean luminance in the valid range; a page error otherwise."""
+    value = round(float(value or 0), 4)  # the slider's steps of 0.05 arrive as 0.15000000000000002
+    if value == 0:
+        return None
+    try:
+        return check_target(value)
+    except ValueError:
+        low, high = BRIGHTNESS_RANGE
+        raise refusal(f"Brightness must be 0 (automatic) or between {low} and {high}, got {value}.") from None
+
+
 def make_enhance_fn(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: int,
                     precision: str = "fp32") -> Callable[..., EnhanceResult]:
-    """The page's handler: (upload, sampler, steps, tile) -> ((before, after), anchor, PNG path). It gets the
-    page's raw values (``preprocess=False``), so that read_image, not gradio, decodes and judges the file."""
+    """The page's handler: (upload, sampler, steps, tile, brightness) -> ((before, after), anchor, PNG path).
+    It gets the page's raw values (``preprocess=False``), so that read_image, not gradio, decodes and judges
+    the file. ``brightness``: 0 keeps the model's brightness, else the target mean luminance of the result and
+    of the anchor shown (:func:`models.brightness.match_brightness`)."""
     timesteps, pad_multiple = model.config.diffusion.timesteps, model.config.diffusion.pad_multiple
     outputs = tempfile.TemporaryDirectory(prefix="anlightendiff-demo-")  # removed when the server exits
 
     def enhance_upload(upload: dict[str, Any] | None, sampler: str, steps: float, tile: float | None,
-                       progress: gr.Progress = gr.Progress()) -> EnhanceResult:  # noqa: B008 - gradio's idiom
+                       brightness: float | None = 0, progress: gr.Progress = gr.Progress()  # noqa: B008
+                       ) -> EnhanceResult:
         path, name = upload_path(upload)
         tiling = tile_options(int(tile or 0), pad_multiple)
+        luminance = brightness_target(brightness)
         loaded = load_upload(path, name, max_pixels, tiling=bool(tiling))
         try:
             config = checked_sampler(defaults, sampler, int(steps), timesteps)
@@ -134,7 +152,7 @@ def make_enhance_fn(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: i
         progress(0, desc="sampling")
         result = model.enhance(to_tensor(loaded.rgb, model.device), config, precision=precision,
                                callback=lambda i, n: progress((i, n), desc="sampling"), **tiling)
-        image, anchor = to_array(result.image), to_array(result.anchor)
+        image, anchor = (to_array(match_brightness(t, luminance)) for t in (result.image, result.anchor))
         target = Path(tempfile.mkdtemp(dir=outputs.name)) / f"{Path(name).stem}_enhanced.png"
         save_png(target, image, loaded.alpha)
         return (loaded.rgb, image), anchor, str(target)
@@ -171,6 +189,10 @@ def build_app(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: int = D
                                  label="Tile size (pixels, 0 = off)",
                                  info=f"A multiple of {pad_multiple}: enhance in overlapping tiles of this "
                                       f"size (needed above {max_pixels:,} pixels)")
+                brightness = gr.Slider(0, BRIGHTNESS_RANGE[1], value=0, step=0.05, elem_id="brightness",
+                                       label="Brightness (0 = automatic)",
+                                       info="Mean luminance of the result, from 0.05 (dark) to 0.95 (bright); "
+                                            "0 keeps the model's own choice")
                 run = gr.Button("Enhance", variant="primary", elem_id="enhance")
             with gr.Column():
                 compare = gr.ImageSlider(label="Before / after", format="png", max_height=2 * IMAGE_HEIGHT,
@@ -179,8 +201,9 @@ def build_app(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: int = D
                                   height=IMAGE_HEIGHT, elem_id="anchor")
                 download = gr.DownloadButton("Download PNG (full resolution)", elem_id="download")
         sampler.change(lambda name: steps_control(name, timesteps), sampler, steps)
-        run.click(make_enhance_fn(model, defaults, max_pixels, precision), [upload, sampler, steps, tile],
-                  [compare, anchor, download], api_name="enhance", concurrency_limit=1, preprocess=False)
+        run.click(make_enhance_fn(model, defaults, max_pixels, precision),
+                  [upload, sampler, steps, tile, brightness], [compare, anchor, download], api_name="enhance",
+                  concurrency_limit=1, preprocess=False)
     return app.queue(default_concurrency_limit=1)
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models import CheckpointError, load_for_inference
+from models.brightness import BRIGHTNESS_RANGE, check_target, match_brightness
 from utils.cli import (
     UserError,
     add_inference_args,
@@ -58,7 +59,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "photos; SIZE a multiple of the model's padding, e.g. 768)")
     parser.add_argument("--tile-overlap", type=int, default=64, metavar="PX",
                         help="overlap between neighbouring tiles in pixels (default 64)")
+    low, high = BRIGHTNESS_RANGE
+    parser.add_argument("--brightness", default="auto", metavar="Y",
+                        help="auto (default: the model's own brightness) or the output's target mean luminance Y "
+                             f"in [{low}, {high}] (Rec. 709 luma of the sRGB values, 0 black to 1 white; e.g. 0.45), "
+                             "reached by one exposure gain in linear light with a highlight roll-off")
     return parser.parse_args(argv)
+
+
+def parse_brightness(text: str) -> float | None:
+    """``--brightness``: None for ``auto``, else the target mean luminance; a UserError for anything else."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return check_target(text)
+    except ValueError:
+        low, high = BRIGHTNESS_RANGE
+        raise UserError(f"--brightness must be auto or a number in [{low}, {high}] (the output's mean luminance, "
+                        f"0 black to 1 white), got {text!r}") from None
 
 
 def check_sizes(files: Sequence[Path], max_pixels: int) -> None:
@@ -106,8 +124,14 @@ def output_paths(inputs: Sequence[str], files: Sequence[Path], output: Path) -> 
     return mapping
 
 
+def to_array(img: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) tensor -> HxWx3 float32 array clipped to [0, 1]."""
+    return np.clip(img[0].permute(1, 2, 0).float().cpu().numpy(), 0, 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    brightness = parse_brightness(args.brightness)
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a folder")
@@ -139,8 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         img = torch.from_numpy(loaded.rgb).permute(2, 0, 1)[None].to(device)
         result = model.enhance(img, sampler, precision=precision, tile=args.tile, tile_overlap=args.tile_overlap)
-        enhanced, anchor = (np.clip(t[0].permute(1, 2, 0).float().cpu().numpy(), 0, 1)
-                            for t in (result.image, result.anchor))
+        enhanced, anchor = (to_array(match_brightness(t, brightness)) for t in (result.image, result.anchor))
         save_png(targets[file], enhanced, loaded.alpha, overwrite=args.overwrite)
         if args.grid:
             grid_rows.append([loaded.rgb, anchor, enhanced])

@@ -58,9 +58,15 @@ def server(model: AnlightenDiff, samples: Path) -> Iterator[str]:
     app.close()
 
 
-def enhance(url: str, path: Path, tile: int = 0) -> tuple:
+def enhance(url: str, path: Path, tile: int = 0, *brightness: float) -> tuple:
+    """The page's enhancement over HTTP; without ``brightness`` the client leaves the slider at its default."""
     client = gradio_client.Client(url, verbose=False)
-    return client.predict(gradio_client.handle_file(str(path)), "ddim", 2, tile, api_name="/enhance")
+    return client.predict(gradio_client.handle_file(str(path)), "ddim", 2, tile, *brightness, api_name="/enhance")
+
+
+def mean_luminance(path: str | Path) -> float:
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+    return float((rgb @ np.array([0.2126, 0.7152, 0.0722])).mean())
 
 
 def assert_brightened(low_path: Path, out_path: str | Path) -> None:
@@ -79,6 +85,25 @@ def test_enhance_over_http(server: str, samples: Path) -> None:
     assert_brightened(samples / "dark.png", after)
     assert np.array_equal(np.asarray(Image.open(before)), np.asarray(Image.open(samples / "dark.png")))
     assert Image.open(anchor).size == Image.open(samples / "dark.png").size
+
+
+def test_brightness_slider_sets_the_mean_luminance(server: str, samples: Path) -> None:
+    (_, automatic), _, _ = enhance(server, samples / "dark.png", 0, 0)
+    results = [enhance(server, samples / "dark.png", 0, value) for value in (0.2, 0.5, 0.8)]
+    levels = [mean_luminance(png) for _, _, png in results]
+    assert levels == pytest.approx([0.2, 0.5, 0.8], abs=0.01)
+    assert mean_luminance(results[1][1]) == pytest.approx(0.5, abs=0.02)  # the anchor shown follows it
+    assert mean_luminance(automatic) != pytest.approx(0.5, abs=0.05)  # 0 = the model's own brightness
+    with pytest.raises(AppError, match=r"Brightness must be 0 \(automatic\) or between 0.05 and 0.95, got 0.02"):
+        enhance(server, samples / "dark.png", 0, 0.02)
+
+
+def test_brightness_slider_is_an_input_of_the_enhancement(model: AnlightenDiff) -> None:
+    app = demo.build_app(model, FAST)
+    enhance_fn = next(fn for fn in app.fns.values() if fn.api_name == "enhance")
+    slider = next(block for block in enhance_fn.inputs if getattr(block, "elem_id", None) == "brightness")
+    assert (slider.minimum, slider.maximum, slider.value) == (0, 0.95, 0)
+    assert [demo.brightness_target(v) for v in (0, None, 0.15000000000000002, 0.95)] == [None, None, 0.15, 0.95]
 
 
 def test_unreadable_upload_gets_a_message(server: str, tmp_path: Path) -> None:
