@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,16 @@ TINY = {
     "val_sampler": {"sampler": "ddim", "steps": 2},
     "optim": {"loss_type": "l2", "optimizer": "adamw", "lr": 1e-3},
 }
+
+
+def default_signals() -> None:
+    """``preexec_fn`` of every subprocess a test starts: SIGINT and SIGTERM back to their default dispositions.
+
+    A suite started with SIGINT ignored (``nohup make test``, a background job of a non-interactive shell, some CI
+    runners) would pass SIG_IGN on to the scripts it starts, and Python does not install its KeyboardInterrupt
+    handler in a process that starts with SIGINT ignored: the Ctrl-C the tests send would never arrive."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import default_signals
+
 ROOT = Path(__file__).resolve().parents[1]
 
 WRAPPER = '''
@@ -98,7 +100,7 @@ def run_ddp(tmp_path: Path, *overrides: str, sigterm_rank1_at: int | None = None
     with (tmp_path / "out.txt").open("w") as out, (tmp_path / "err.txt").open("w") as err:
         # its own process group: on a timeout, rank 1 (started by rank 0) goes too
         proc = subprocess.Popen([sys.executable, str(script), *argv], cwd=ROOT, env=env, stdout=out, stderr=err,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=default_signals)
         try:
             proc.wait(timeout=300)
         finally:
