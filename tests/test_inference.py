@@ -257,7 +257,7 @@ def test_bench_quick_smoke_prints_a_speedup(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "bench_speed", bench)
     spec.loader.exec_module(bench)
     overrides = [f"model.unet_dim={TINY['model']['unet_dim']}", "model.dim_mults=[1,2,2]",
-                 "diffusion.timesteps=10", "diffusion.pad_multiple=8", "sampler.steps=10"]
+                 "diffusion.timesteps=10", "diffusion.pad_multiple=8", "sampler.steps=10", "val_sampler.steps=10"]
     try:
         assert bench.main(["--quick", "--size", "24x16", "--device", "cpu", *overrides]) == 0
     finally:
