@@ -16,8 +16,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from data.datamodule import datamodule_from_config
 from models import AnlightenDiff, CheckpointError
-from models.checkpoint import read_checkpoint
-from models.module import check_monitor
+from models.checkpoint import load_earlier_stage, read_checkpoint
+from models.module import check_monitor, missing_earlier_stage
 from utils.cli import UserError, ensure_output_dir, run_cli
 from utils.config import Config, ConfigError, load_config
 from utils.image_io import ImageReadError
@@ -94,16 +94,11 @@ def run_stage(trainer: pl.Trainer, stage: Callable[[], Any]) -> None:
         raise
 
 
-def init_from_earlier_stage(module: AnlightenDiff, path: str) -> None:
-    """Load the anchor encoder of the earlier stage's checkpoint ``path`` (``init_from``) into ``module``;
-    a missing file or an encoder of another shape is a CheckpointError naming the key and the file."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"init_from: no checkpoint at {path} (train the earlier stage first, or fix the path)")
-    try:
-        module.load_encoder_from(read_checkpoint(path))
-    except (KeyError, RuntimeError) as err:
-        raise CheckpointError(f"init_from: {path} does not hold an anchor encoder matching this config's model "
-                              f"section ({str(err).splitlines()[0]})") from None
+def init_from_earlier_stage(module: AnlightenDiff, path: str) -> list[str]:
+    """Load the networks the earlier stage's checkpoint ``path`` (``init_from``) hands over into ``module``: the
+    anchor encoder, and the HE network of the TS variant (see :func:`models.checkpoint.load_earlier_stage`); a
+    missing file or network, or one of another shape, is a CheckpointError naming the key and the file."""
+    return load_earlier_stage(module, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,19 +111,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     version, ckpt_path = resolve_resume(args.resume, output_dir, config.trainer.run_name)
     if ckpt_path is not None:
         check_resumable(ckpt_path, config)
+    elif (missing := missing_earlier_stage(config)) is not None:
+        raise ConfigError(missing)
     if version is None:
         version = next_version(output_dir / config.trainer.run_name)
     datamodule = datamodule_from_config(config.data, config.seed)
     datamodule.setup("fit")  # refuse missing or unpaired training data before anything is written
     module = AnlightenDiff(config)
     module.prepare_training(has_validation)  # missing LPIPS weights stop the run here, before anything is written
+    if config.init_from is not None and ckpt_path is None:  # a bad init_from too
+        init_from_earlier_stage(module, config.init_from)
     if not args.fast_dev_run and rank_zero_only.rank == 0:
         ensure_output_dir(output_dir / config.trainer.run_name, "trainer.output_dir")
     logger = TensorBoardLogger(save_dir=str(output_dir), name=config.trainer.run_name, version=version,
                                default_hp_metric=False)
     run_dir = Path(logger.log_dir)
-    if config.init_from is not None and ckpt_path is None:
-        init_from_earlier_stage(module, config.init_from)
     callbacks = build_callbacks(config, run_dir / "checkpoints", has_validation,
                                 run_dir=None if args.fast_dev_run else run_dir, resumed=ckpt_path is not None)
     try:

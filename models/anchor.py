@@ -1,9 +1,11 @@
-"""The anchor (phi, "center"): condition features of the low-light image and the encoder that maps them
-to the anchor image and to the feature maps the noise predictor is conditioned on."""
+"""The anchor (phi, "center"): condition features of the low-light image, the encoder E that maps them to
+an anchor image and to the feature maps the noise predictor is conditioned on, and the two-step (TS)
+variant's HE network H. :func:`anchor_from_features` is the one place the anchor is computed."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn.utils import parametrize
@@ -43,10 +45,12 @@ def condition_features(img_lr: torch.Tensor) -> torch.Tensor:
 class AnchorEncoder(UNetBackbone):
     """Maps the condition features to the anchor phi and the per-level feature maps.
 
-    With ``on_res`` (the reference) the anchor is the equalised image plus the network's output.
-    ``zero_residual`` starts that output at zero (the output conv's weight-norm magnitude and bias), so the
-    untrained anchor is exactly the equalised image; the reference's random output adds a strong colour cast,
-    which a frozen encoder (``train_encoder: false``) keeps for good.
+    With ``on_res`` (the FS reference) the anchor is the equalised image plus the network's output; without
+    it (the TS encoder E) the output is img_c = sigmoid(network output), which the TS variant blends with the
+    HE network's output (:func:`anchor_from_features`). ``zero_residual`` starts the FS residual at zero (the
+    output conv's weight-norm magnitude and bias), so the untrained anchor is exactly the equalised image; the
+    reference's random output adds a strong colour cast, which a frozen encoder (``train_encoder: false``)
+    keeps for good.
     """
 
     def __init__(self, *, dim: int, dim_mults: Sequence[int], in_dim: int = 12, out_dim: int = 3,
@@ -66,10 +70,70 @@ class AnchorEncoder(UNetBackbone):
             conv.weight.zero_()
         conv.bias.zero_()
 
+    def output(self, out: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The encoder's image from its final conv ``out``: FS (``on_res``) the equalised image (features
+        3..5) plus ``out``, about [0, 1] and not clamped, as the reference; otherwise (TS) img_c =
+        sigmoid(out), in (0, 1)."""
+        return out + features[:, 3:6] if self.on_res else torch.sigmoid(out)
+
     def forward(self, img_lr: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """img_lr (B, 3, H, W) in [0, 1] -> (anchor (B, 3, H, W), about [0, 1] and not clamped, as the
-        reference; feature maps: one per down level, then one per up level)."""
-        features = condition_features(img_lr)
-        out, feats = self.run(features)
-        center = out + features[:, 3:6] if self.on_res else torch.sigmoid(out)
-        return center, feats
+        """img_lr (B, 3, H, W) in [0, 1] -> (the encoder's image (B, 3, H, W) (see :meth:`output`); feature
+        maps: one per down level, then one per up level). Without an HE network this image is the anchor."""
+        return anchor_from_features(self, condition_features(img_lr))
+
+
+class HENetwork(UNetBackbone):
+    """The TS variant's HE network H (the reference's ``Unet_he``): the encoder's U shape and time-free blocks,
+    6 input channels [HE(lr), img_c], output zeta in [0, 1].
+
+    ``on_res`` (the reference, which reads the diffusion's ``on_res``): zeta = clamp(final conv + HE(lr), 0, 1),
+    a residual on the equalised image; otherwise zeta = sigmoid(final conv).
+    """
+
+    def __init__(self, *, dim: int, dim_mults: Sequence[int], in_dim: int = 6, out_dim: int = 3,
+                 on_res: bool = True, **kwargs):
+        super().__init__(in_dim=in_dim, out_dim=out_dim, dim=dim, dim_mults=dim_mults,
+                         concat_features=False, **kwargs)
+        self.on_res = on_res
+
+    def output(self, out: torch.Tensor, equalised: torch.Tensor) -> torch.Tensor:
+        """zeta from the final conv ``out`` and HE(lr) ``equalised``, both (B, 3, H, W)."""
+        return (out + equalised).clamp(0, 1) if self.on_res else torch.sigmoid(out)
+
+    def forward(self, equalised: torch.Tensor, img_c: torch.Tensor) -> torch.Tensor:
+        """HE(lr) and the encoder's img_c, (B, 3, H, W) in [0, 1] -> zeta (B, 3, H, W) in [0, 1]."""
+        out, _ = self.run(torch.cat((equalised, img_c), dim=1))
+        return self.output(out, equalised)
+
+
+def screen_blend(zeta: torch.Tensor, img_c: torch.Tensor) -> torch.Tensor:
+    """The TS anchor c = zeta + (1 - zeta) img_c = 1 - (1 - zeta)(1 - img_c): a per-pixel "screen" blend, so
+    c >= max(zeta, img_c) for inputs in [0, 1]."""
+    return zeta + (1 - zeta) * img_c
+
+
+def anchor_from_features(
+    encoder: AnchorEncoder,
+    features: torch.Tensor,
+    he_network: HENetwork | None = None,
+    network_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The anchor c from the condition features (B, 12, H, W) of :func:`condition_features`: the one place
+    the anchor is computed (the module, the encoder's forward and tiled inference all call it).
+
+    * FS (``encoder.on_res``, no H): c = E's output + HE(lr).
+    * sigmoid encoder, no H: c = img_c = sigmoid(E's output).
+    * TS (``he_network``): zeta = H([HE(lr), img_c]), c = zeta + (1 - zeta) img_c (:func:`screen_blend`).
+
+    ``network_context`` wraps each network call (autocast at inference); the network outputs are taken to
+    float32 before the formulas. Returns (c (B, 3, H, W) float32, about [0, 1]; E's feature maps).
+    """
+    equalised = features[:, 3:6]
+    with network_context():
+        out, feats = encoder.run(features)
+    img_c = encoder.output(out.float(), features)
+    if he_network is None:
+        return img_c, feats
+    with network_context():
+        he_out, _ = he_network.run(torch.cat((equalised, img_c), dim=1))
+    return screen_blend(he_network.output(he_out.float(), equalised), img_c), feats

@@ -1,4 +1,5 @@
-"""Loading checkpoints: this project's own and the paper's released ``FS_final.ckpt`` (Lightning 1.x)."""
+"""Loading checkpoints: this project's own, the paper's released ``FS_final.ckpt`` (Lightning 1.x) and the
+layout of its two-step (TS) ``twostep_final.ckpt``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from utils.image_io import atomic_write
 WEIGHT_NORM_NAMES = {"weight_g": "parametrizations.weight.original0",
                      "weight_v": "parametrizations.weight.original1"}
 FOREIGN_PREFIXES = ("lpips.", "loss_fn_alex.")
-MODEL_PREFIXES = ("model.", "encoder.")
+MODEL_PREFIXES = ("model.", "encoder.", "he_network.")
+NETWORK_NAMES = {"encoder": "anchor encoder", "he_network": "HE network"}
+"""What each state-dict prefix of this project's module holds, for messages."""
+TS_PREFIXES = {"encoder.model.": "encoder.", "histroEncoder.model.": "he_network."}
+"""The TS reference's module paths (LitCond and LitHE wrap their U-Nets as ``model``) -> ours."""
+TS_ENCODER_COPY = "histroEncoder.encoder.model."
+"""The TS reference saves the anchor encoder twice: LitHE holds the same encoder object (refused unless equal)."""
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default.ckpt"
 """The checkpoint trained for this project and shipped with it, used when no ``--ckpt`` is given."""
 
@@ -54,10 +61,45 @@ def _modern_key(key: str) -> str:
     return f"{stem}.{WEIGHT_NORM_NAMES[leaf]}" if leaf in WEIGHT_NORM_NAMES else key
 
 
+def is_two_step_layout(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state_dict`` is in the TS reference's layout (``encoder.model.*``: LitCond's wrapped encoder)."""
+    return any(k.startswith("encoder.model.") for k in state_dict)
+
+
 def model_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep the model's own tensors (dropping the LPIPS networks the reference saved), modern key names."""
+    """Keep the model's own tensors (dropping the LPIPS networks the reference saved), in this project's layout
+    with modern key names: the TS reference's prefixes are mapped (:func:`_from_two_step_layout`)."""
+    if is_two_step_layout(state_dict):
+        state_dict = _from_two_step_layout(state_dict)
     return {_modern_key(k): v for k, v in state_dict.items()
             if k.startswith(MODEL_PREFIXES) and not k.startswith(FOREIGN_PREFIXES)}
+
+
+def _from_two_step_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The TS reference's state dict (``model.``, ``model.unet.``, ``encoder.model.``, ``histroEncoder.model.``,
+    ``histroEncoder.encoder.model.``) in this project's prefixes (``model.``, ``encoder.``, ``he_network.``).
+
+    Refused (CheckpointError): a file without the HE network H, which the reference would silently leave at its
+    random initialisation, and a second copy of the encoder that differs from the first."""
+    if not any(k.startswith("histroEncoder.model.") for k in state_dict):
+        raise CheckpointError("a two-step (TS) checkpoint (encoder.model.*) without the HE network H "
+                              "(histroEncoder.model.*): refused, it would run a random H (the reference's test.py "
+                              "ignores this silently); use the final TS checkpoint, which holds all three networks")
+    encoder = {k.removeprefix("encoder.model."): v for k, v in state_dict.items() if k.startswith("encoder.model.")}
+    copy = {k.removeprefix(TS_ENCODER_COPY): v for k, v in state_dict.items() if k.startswith(TS_ENCODER_COPY)}
+    differing = sorted(k for k in set(copy) | set(encoder)
+                       if k not in copy or k not in encoder or not torch.equal(copy[k], encoder[k]))
+    if copy and differing:
+        raise CheckpointError(f"a two-step (TS) checkpoint whose two copies of the anchor encoder (encoder.model.* and "
+                              f"{TS_ENCODER_COPY}*) differ in {len(differing)} tensor(s), e.g. {differing[0]}: "
+                              "refused, the reference's test would load either one depending on the order")
+    mapped = {}
+    for key, value in state_dict.items():
+        if key.startswith(TS_ENCODER_COPY):
+            continue
+        prefix = next((p for p in TS_PREFIXES if key.startswith(p)), None)
+        mapped[TS_PREFIXES[prefix] + key.removeprefix(prefix) if prefix else key] = value
+    return mapped
 
 
 def infer_model_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -78,11 +120,17 @@ def infer_model_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
                 "use_wn": any(k.startswith("model.unet.") and "parametrizations" in k for k in sd),
                 "cond_use_wn": any(k.startswith("encoder.") and "parametrizations" in k for k in sd),
                 "stronger_cond": second_in == 2 * widths[0],
+                **_inferred_he_network(sd),
             },
             "diffusion": {"timesteps": int(sd["model.betas"].shape[0])},
         }
     except (KeyError, IndexError) as err:
         raise CheckpointError(f"cannot infer the architecture from the checkpoint's tensors (missing {err})") from None
+
+
+def _inferred_he_network(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A checkpoint with an HE network is the TS variant, whose encoder is the sigmoid one (cond_on_res false)."""
+    return {"he_network": True, "cond_on_res": False} if any(k.startswith("he_network.") for k in sd) else {}
 
 
 def _conv_weight(sd: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
@@ -107,6 +155,8 @@ def config_from_checkpoint(checkpoint: dict[str, Any]) -> Config:
         except ConfigError as err:
             raise CheckpointError(f"the checkpoint's config is invalid: {err}") from None
     inferred = infer_model_config(checkpoint["state_dict"])
+    if "on_res" in hparams and inferred["model"].get("he_network"):
+        inferred["model"]["he_on_res"] = hparams["on_res"]  # the TS reference's H reads the diffusion's on_res
     for section, cls_fields in (("model", Config().model), ("diffusion", Config().diffusion)):
         for key in vars(cls_fields):
             if key in hparams and key not in inferred.get(section, {}):
@@ -128,15 +178,19 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     config: Config | None = None) -> AnlightenDiff:
-    """The LightningModule in eval mode from one of our checkpoints or the official ``FS_final.ckpt``.
+    """The LightningModule in eval mode from one of our checkpoints, the official ``FS_final.ckpt`` or a TS
+    checkpoint in the reference's layout (the variant is read off the keys).
 
     Loading is strict: a missing or unexpected tensor is an error that lists them. ``config`` overrides the
     checkpoint's own (its architecture must then match the tensors).
     """
     checkpoint = read_checkpoint(path, map_location)
+    try:
+        state = model_state_dict(checkpoint["state_dict"])
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     config = config or config_from_checkpoint(checkpoint)
     module = AnlightenDiff(config)
-    state = model_state_dict(checkpoint["state_dict"])
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -147,6 +201,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                               + _listing("wrong shape", mismatched))
     module.load_state_dict(state, strict=True)
     return module.eval()
+
+
+def load_earlier_stage(module: AnlightenDiff, path: str | Path) -> list[str]:
+    """``init_from``: load into ``module`` the networks an earlier stage's checkpoint ``path`` hands over (see
+    :meth:`AnlightenDiff.networks_from_earlier_stage`: the anchor encoder, and the HE network), strictly; returns
+    the prefixes loaded. A missing file, a missing network or one of another shape is a CheckpointError naming
+    the key and the file."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"init_from: no checkpoint at {path} (train the earlier stage first, or fix the path)")
+    try:
+        state = model_state_dict(read_checkpoint(path)["state_dict"])
+    except CheckpointError as err:
+        raise CheckpointError(f"init_from: {err}") from None
+    available = {k.split(".", 1)[0] for k in state}
+    loaded = []
+    for prefix, (network, required) in module.networks_from_earlier_stage(available).items():
+        what = NETWORK_NAMES[prefix]
+        weights = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+        if not weights:
+            if required:
+                raise CheckpointError(f"init_from: {path} holds no {what} ({prefix}.*), which stage "
+                                      f"{module.config.stage} loads from the earlier stage (train that stage first, "
+                                      "or fix the path)")
+            continue
+        try:
+            network.load_state_dict(weights, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"init_from: {path} does not hold an {what} matching this config's model section "
+                                  f"({str(err).splitlines()[0]})") from None
+        loaded.append(prefix)
+    return loaded
 
 
 def load_for_inference(path: str | Path | None, device: torch.device) -> AnlightenDiff:

@@ -32,13 +32,14 @@ import platform
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from models.anchor import AnchorEncoder, condition_features
+from models.anchor import AnchorEncoder, HENetwork, anchor_from_features, condition_features
 from models.diffusion import GaussianDiffusion
 from models.samplers import DDIMSampler, DDPMSampler, make_sampler, noise_like
 from models.unet import UNetBackbone
@@ -197,19 +198,17 @@ def _grad_free(inference_mode: bool) -> contextlib.AbstractContextManager:
 
 
 # --------------------------------------------------------------------------------------------- sampling
-def encode(encoder: AnchorEncoder, features: torch.Tensor, precision: str = "fp32"
-           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The anchor encoder on precomputed condition features (B, 12, H, W) (see
-    :func:`models.anchor.condition_features`) -> (anchor (B, 3, H, W) float32, about [0, 1]; feature maps).
+def encode(encoder: AnchorEncoder, features: torch.Tensor, precision: str = "fp32",
+           he_network: HENetwork | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The anchor on precomputed condition features (B, 12, H, W) (see
+    :func:`models.anchor.condition_features`) -> (anchor (B, 3, H, W) float32, about [0, 1]; feature maps),
+    computed by :func:`models.anchor.anchor_from_features` (with the TS variant's HE network when given) with
+    the networks autocast to ``precision``.
 
-    Equals ``encoder(img)`` for ``features = condition_features(img)``; tiling crops the features of the
-    whole image instead of recomputing them (histogram equalisation is image-global).
+    Equals the module's ``anchor(img)`` for ``features = condition_features(img)``; tiling crops the features
+    of the whole image instead of recomputing them (histogram equalisation is image-global).
     """
-    with precision_context(precision, features.device):
-        out, feats = encoder.run(features)
-    out = out.float()
-    center = out + features[:, 3:6] if encoder.on_res else torch.sigmoid(out)
-    return center, feats
+    return anchor_from_features(encoder, features, he_network, lambda: precision_context(precision, features.device))
 
 
 def sample(
@@ -321,13 +320,20 @@ def _tile_generator_state(generator: torch.Generator | None, device: torch.devic
     return seeded.get_state()
 
 
-def _enhance_full(encoder: AnchorEncoder, diffusion: GaussianDiffusion, sampler: DDPMSampler | DDIMSampler | None,
-                  img: torch.Tensor, features: torch.Tensor, *, precision: str,
-                  generator: torch.Generator | None, noise_fn: NoiseFn | None,
+class AnchorNetworks(NamedTuple):
+    """What computes the anchor (:func:`encode`): the encoder, and the TS variant's HE network or None."""
+
+    encoder: AnchorEncoder
+    he_network: HENetwork | None = None
+
+
+def _enhance_full(anchor_networks: AnchorNetworks, diffusion: GaussianDiffusion,
+                  sampler: DDPMSampler | DDIMSampler | None, img: torch.Tensor, features: torch.Tensor, *,
+                  precision: str, generator: torch.Generator | None, noise_fn: NoiseFn | None,
                   callback: Callable[[int, int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder then the reverse process on one (padded) image or tile -> (image in [0, 1], raw anchor).
+    """The anchor then the reverse process on one (padded) image or tile -> (image in [0, 1], raw anchor).
     Without a sampler (``anchor``) the image is the anchor clamped to [0, 1]."""
-    center, feats = encode(encoder, features, precision)
+    center, feats = encode(anchor_networks.encoder, features, precision, anchor_networks.he_network)
     if sampler is None:
         if callback is not None:
             callback(1, 1)
@@ -337,9 +343,9 @@ def _enhance_full(encoder: AnchorEncoder, diffusion: GaussianDiffusion, sampler:
     return image, center
 
 
-def _enhance_tiled(encoder: AnchorEncoder, diffusion: GaussianDiffusion, sampler: DDPMSampler | DDIMSampler | None,
-                   img: torch.Tensor, features: torch.Tensor, *, tile: int, overlap: int, precision: str,
-                   generator: torch.Generator | None,
+def _enhance_tiled(anchor_networks: AnchorNetworks, diffusion: GaussianDiffusion,
+                   sampler: DDPMSampler | DDIMSampler | None, img: torch.Tensor, features: torch.Tensor, *,
+                   tile: int, overlap: int, precision: str, generator: torch.Generator | None,
                    callback: Callable[[int, int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_enhance_full` per tile, blended; ``generator`` ends where one untiled run would leave it."""
     height, width = img.shape[-2:]
@@ -353,7 +359,7 @@ def _enhance_tiled(encoder: AnchorEncoder, diffusion: GaussianDiffusion, sampler
     for index, box in enumerate(boxes):
         tile_generator.set_state(state)
         progress = None if callback is None else _offset_callback(callback, index * steps, len(boxes) * steps)
-        image, anchor = _enhance_full(encoder, diffusion, sampler, _crop(img, box), _crop(features, box),
+        image, anchor = _enhance_full(anchor_networks, diffusion, sampler, _crop(img, box), _crop(features, box),
                                       precision=precision, generator=None, callback=progress,
                                       noise_fn=_cropped_noise(tile_generator, img.shape, box))
         weight = blend_weights(box, height, width, overlap).to(img.device)
@@ -385,8 +391,12 @@ def enhance(
     tile: int | None = None,
     tile_overlap: int = 64,
     inference_mode: bool = True,
+    he_network: HENetwork | None = None,
 ) -> Enhanced:
     """Enhance (B, 3, H, W) low-light images in [0, 1] of any size (padded, then cropped back).
+
+    ``he_network``: the TS variant's HE network H, which the anchor then includes (see
+    :func:`models.anchor.anchor_from_features`).
 
     ``precision``: fp32 | bf16 | fp16 autocast of the networks. ``tile``: run on overlapping tiles of this
     size (a multiple of ``pad_multiple``), blended over ``tile_overlap`` px, for bounded memory (see the
@@ -399,12 +409,13 @@ def enhance(
     with _grad_free(inference_mode):
         padded = pad_to_multiple(img_lr, pad_multiple)
         features = condition_features(padded)
+        anchor_networks = AnchorNetworks(encoder, he_network)
         if tile is None:
-            image, anchor = _enhance_full(encoder, diffusion, steps_sampler, padded, features,
+            image, anchor = _enhance_full(anchor_networks, diffusion, steps_sampler, padded, features,
                                           precision=precision, generator=generator, noise_fn=None,
                                           callback=callback)
         else:
-            image, anchor = _enhance_tiled(encoder, diffusion, steps_sampler, padded, features, tile=tile,
+            image, anchor = _enhance_tiled(anchor_networks, diffusion, steps_sampler, padded, features, tile=tile,
                                            overlap=tile_overlap, precision=precision, generator=generator,
                                            callback=callback)
         return Enhanced(image=image[..., :height, :width], anchor=anchor[..., :height, :width].clamp(0, 1))

@@ -11,9 +11,9 @@ from torch.optim import AdamW
 from torch.optim.lr_scheduler import CosineAnnealingLR, ReduceLROnPlateau
 from torchvision.utils import make_grid
 
-from models.anchor import AnchorEncoder, color_map
+from models.anchor import AnchorEncoder, HENetwork, anchor_from_features, color_map, condition_features, equalized
 from models.diffusion import GaussianDiffusion
-from models.inference import Enhanced, enhance
+from models.inference import Enhanced, enhance, pad_to_multiple
 from models.losses import AnchorLoss, Frozen, build_image_loss, dfpl_loss, noise_loss
 from models.unet import NoiseUNet
 from utils.config import Config, ConfigError, SamplerConfig, config_from_dict
@@ -39,6 +39,31 @@ def build_networks(config: Config) -> tuple[AnchorEncoder, GaussianDiffusion]:
                                   use_center=d.use_center, use_center_sampler=d.use_center_sampler,
                                   clip_denoised=d.clip_denoised)
     return encoder, diffusion
+
+
+def build_he_network(config: Config) -> HENetwork | None:
+    """The TS variant's HE network H (``model.he_network``), or None. Built as the reference builds it: the UNet's
+    width, ``in_dim`` (6: HE(lr) and img_c), ``use_wn`` and H's ``on_res`` (``model.he_on_res``)."""
+    m = config.model
+    if not m.he_network:
+        return None
+    return HENetwork(dim=m.unet_dim, dim_mults=m.dim_mults, in_dim=m.in_dim, out_dim=m.unet_outdim,
+                     on_res=m.he_on_res, use_wn=m.use_wn, use_instance_norm=m.use_instance_norm,
+                     weight_init=m.weight_init)
+
+
+def missing_earlier_stage(config: Config) -> str | None:
+    """Why a fresh run of this configuration needs ``init_from`` (None if it does not): the TS stages after the
+    first train on frozen networks of the earlier ones, which must not be random."""
+    if config.init_from is not None:
+        return None
+    if config.stage == "he":
+        return ("stage he trains the HE network on a frozen anchor encoder: set init_from to the anchor stage's "
+                "checkpoint (cfg/train/ts_encoder.yaml)")
+    if config.stage == "diffusion" and config.model.he_network:
+        return ("stage diffusion with model.he_network freezes the anchor encoder and the HE network: set init_from "
+                "to the he stage's checkpoint (cfg/train/ts_he.yaml)")
+    return None
 
 
 def logged_metrics(has_validation: bool) -> tuple[str, ...]:
@@ -70,18 +95,26 @@ def monitor_needs_lpips(config: Config, has_validation: bool) -> bool:
 
 
 class AnlightenDiff(pl.LightningModule):
-    """``model`` is the GaussianDiffusion (its UNet is ``model.unet``), ``encoder`` the anchor encoder;
-    the prefixes match the official checkpoint. Batches are dicts {"low", "high", "name"}."""
+    """``model`` is the GaussianDiffusion (its UNet is ``model.unet``), ``encoder`` the anchor encoder,
+    ``he_network`` the TS variant's HE network H (None without ``model.he_network``); the FS prefixes match the
+    official checkpoint (models/checkpoint.py maps the TS one's). Batches are dicts {"low", "high", "name"}.
+
+    ``config.stage``: ``anchor`` trains the encoder alone, ``he`` the HE network alone (on the frozen encoder),
+    ``diffusion`` the UNet (encoder and HE network frozen; the encoder trained too with ``optim.train_encoder``)."""
 
     def __init__(self, config: Config | dict[str, Any]):
         super().__init__()
         self.config = config if isinstance(config, Config) else config_from_dict(config)
         self.save_hyperparameters({"config": self.config.to_dict()})
         self.encoder, self.model = build_networks(self.config)
+        self.he_network = build_he_network(self.config)
         self.encoder.requires_grad_(self.trains_encoder)
         self.model.requires_grad_(self.config.stage == "diffusion")
+        if self.he_network is not None:
+            self.he_network.requires_grad_(self.config.stage == "he")
         self._image_loss = None
         self._anchor_loss: AnchorLoss | None = None
+        self._he_loss: AnchorLoss | None = None
         self._lpips_alex = None
 
     @property
@@ -97,21 +130,34 @@ class AnlightenDiff(pl.LightningModule):
         optim = self.config.optim
         if self.config.stage == "anchor":
             self._anchor_loss = AnchorLoss(optim.anchor_loss, optim.anchor_loss_weights)
+        elif self.config.stage == "he":
+            self._he_loss = AnchorLoss(optim.he_loss, optim.he_loss_weights)
         elif optim.loss_type == "dfpl":
             self._image_loss = build_image_loss(optim.dfpl_image_loss)
         if monitor_needs_lpips(self.config, has_validation) and self._lpips_alex is None:
             self._lpips_alex = Frozen(build_lpips("alex"))
 
-    def load_encoder_from(self, checkpoint: dict[str, Any]) -> None:
-        """Copy the anchor encoder of an earlier stage's checkpoint (a state dict with ``encoder.*`` keys)."""
-        prefix = "encoder."
-        weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        self.encoder.load_state_dict(weights, strict=True)
+    def networks_from_earlier_stage(self, available: set[str]) -> dict[str, tuple[torch.nn.Module, bool]]:
+        """What ``init_from`` loads: state-dict prefix -> (network, required), given the prefixes an earlier
+        stage's checkpoint holds. The anchor encoder always; the HE network when this model has one and the
+        checkpoint holds it, and required by the diffusion stage (which keeps it frozen)."""
+        wanted: dict[str, tuple[torch.nn.Module, bool]] = {"encoder": (self.encoder, True)}
+        if self.he_network is not None and ("he_network" in available or self.config.stage == "diffusion"):
+            wanted["he_network"] = (self.he_network, self.config.stage == "diffusion")
+        return wanted
 
     # ----------------------------------------------------------------- inference
     def anchor(self, img_lr: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(B, 3, H, W) in [0, 1] -> (anchor phi (B, 3, H, W), encoder feature maps)."""
-        return self.encoder(img_lr)
+        """(B, 3, H, W) in [0, 1] -> (anchor phi (B, 3, H, W), encoder feature maps): FS the encoder's output,
+        TS the screen blend of the HE network's zeta and the encoder's img_c (see
+        :func:`models.anchor.anchor_from_features`)."""
+        return anchor_from_features(self.encoder, condition_features(img_lr), self.he_network)
+
+    def he_output(self, img_lr: torch.Tensor) -> torch.Tensor:
+        """The HE network's zeta (B, 3, H, W) in [0, 1] for (B, 3, H, W) images in [0, 1] that fit the networks
+        (multiples of their downscale): what stage ``he`` trains against hr."""
+        img_c, _ = self.encoder(img_lr)
+        return self.he_network(equalized(img_lr), img_c)
 
     def enhance(self, img_lr: torch.Tensor, sampler: SamplerConfig | None = None, **kwargs: Any) -> Enhanced:
         """Enhance (B, 3, H, W) images in [0, 1] with a sampler config (default: ``config.sampler``)."""
@@ -123,12 +169,14 @@ class AnlightenDiff(pl.LightningModule):
             generator = torch.Generator(device=img_lr.device).manual_seed(sampler.seed)
         return enhance(self.encoder, self.model, img_lr, sampler=sampler.sampler, steps=sampler.steps,
                        eta=sampler.eta, pad_multiple=self.config.diffusion.pad_multiple, generator=generator,
-                       **kwargs)
+                       he_network=self.he_network, **kwargs)
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.config.stage == "anchor":
             loss = self._anchor_step(batch)
+        elif self.config.stage == "he":
+            loss = self._he_step(batch)
         else:
             loss = self._diffusion_step(batch)
         if not torch.isfinite(loss):
@@ -145,6 +193,17 @@ class AnlightenDiff(pl.LightningModule):
         with torch.autocast(self.device.type, enabled=False):  # the losses in fp32 under mixed precision
             return self._anchor_loss(center.float(), self.anchor_target(batch["high"]))
 
+    def _he_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Stage ``he``: the HE network's zeta = H([HE(lr), img_c]) against hr, on the frozen encoder's img_c."""
+        if self._he_loss is None:
+            self._he_loss = AnchorLoss(self.config.optim.he_loss, self.config.optim.he_loss_weights)
+        img_lr = batch["low"]
+        with torch.no_grad():
+            img_c, _ = self.encoder(img_lr)
+        zeta = self.he_network(equalized(img_lr), img_c)
+        with torch.autocast(self.device.type, enabled=False):  # the losses in fp32 under mixed precision
+            return self._he_loss(zeta.float(), batch["high"])
+
     def anchor_target(self, img_hr: torch.Tensor) -> torch.Tensor:
         """What the anchor stage fits: hr itself or its chromaticity C(hr) (``optim.anchor_target``)."""
         return color_map(img_hr) if self.config.optim.anchor_target == "chroma" else img_hr
@@ -156,8 +215,8 @@ class AnlightenDiff(pl.LightningModule):
         feats: list[torch.Tensor] = []
         if diffusion.use_center:
             with torch.set_grad_enabled(self.trains_encoder):
-                center, feats = self.encoder(img_lr)
-            if torch.rand((), device=self.device) < optim.ref_prob:
+                center, feats = self.anchor(img_lr)
+            if optim.ref_prob > 0 and torch.rand((), device=self.device) < optim.ref_prob:  # no draw without it (TS)
                 center = img_hr  # teacher forcing: the ground truth as anchor ("ref")
         # else, as the reference without DRDA: no anchor and no encoder features (the config then has
         # model.stronger_cond false, so the UNet takes none)
@@ -180,6 +239,8 @@ class AnlightenDiff(pl.LightningModule):
         params = list(self.model.parameters()) if self.config.stage == "diffusion" else []
         if self.trains_encoder:
             params += list(self.encoder.parameters())
+        if self.config.stage == "he":
+            params += list(self.he_network.parameters())
         if optim.optimizer == "lion":
             optimizer = Lion(params, lr=optim.lr, weight_decay=optim.weight_decay)
         else:
@@ -202,11 +263,21 @@ class AnlightenDiff(pl.LightningModule):
             self._lpips_alex = Frozen(build_lpips("alex"))
         return self._lpips_alex.on(self.device) if self._lpips_alex is not None else None
 
+    def _stage_result(self, img_lr: torch.Tensor, sampler: SamplerConfig) -> Enhanced:
+        """What a stage is evaluated on, as an Enhanced whose ``image`` is scored: the anchor (stage anchor), the
+        HE network's zeta (stage he, with the TS anchor beside it), the enhanced image (stage diffusion)."""
+        if self.config.stage == "diffusion":
+            return self.enhance(img_lr, sampler)
+        anchored = self.enhance(img_lr, SamplerConfig(sampler="anchor"))
+        if self.config.stage == "anchor":
+            return anchored
+        height, width = img_lr.shape[-2:]
+        zeta = self.he_output(pad_to_multiple(img_lr, self.config.diffusion.pad_multiple))
+        return Enhanced(image=zeta[..., :height, :width], anchor=anchored.anchor)
+
     def _evaluate(self, batch: dict[str, Any], stage: str, batch_idx: int) -> None:
         sampler = self.config.val_sampler if stage == "val" else self.config.sampler
-        if self.config.stage == "anchor":
-            sampler = SamplerConfig(sampler="anchor")
-        result = self.enhance(batch["low"], sampler)
+        result = self._stage_result(batch["low"], sampler)
         lpips_model = self._lpips_model()
         for out, gt in zip(result.image, self.anchor_target(batch["high"]) if self.config.stage == "anchor"
                            else batch["high"], strict=True):

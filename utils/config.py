@@ -42,6 +42,13 @@ class ModelConfig:
     cond_zero_residual: bool = False
     cond_dim: int | None = None
     """Width of the anchor encoder (None: ``unet_dim``); may differ only without ``stronger_cond``."""
+    he_network: bool = False
+    """The two-step (TS) variant: an HE network H (the UNet's width and input channels) maps [HE(lr), img_c] to
+    zeta, and the anchor is the screen blend zeta + (1 - zeta) img_c of it and the sigmoid encoder output img_c
+    (needs ``cond_on_res: false``). The TS reference also has ``stronger_cond: false``."""
+    he_on_res: bool = True
+    """H's output: clamp(final conv + HE(lr), 0, 1) (the reference, which reads its diffusion ``on_res``), or
+    sigmoid(final conv)."""
 
 
 @dataclass
@@ -97,6 +104,10 @@ class OptimConfig:
     anchor_loss: tuple[str, ...] = ("msssim",)
     """Stage ``anchor``: image losses summed (msssim = 1 - 4-scale MS-SSIM, l1, l2, lpips_alex, lpips_vgg)."""
     anchor_loss_weights: tuple[float, ...] = (1.0,)
+    he_loss: tuple[str, ...] = ("lpips_vgg",)
+    """Stage ``he``: image losses summed between the HE network's zeta and hr (the same names as ``anchor_loss``;
+    the reference's TS default is LPIPS-VGG on [0, 1] images)."""
+    he_loss_weights: tuple[float, ...] = (1.0,)
 
 
 @dataclass
@@ -118,6 +129,11 @@ class DataConfig:
     """Probability that a training crop is replaced by a synthetic pair made from its ``high`` image (exposure
     variety: see data.exposure); 0 keeps the real pairs only (the reference)."""
     synth_kinds: tuple[str, ...] = ("dark", "identity", "bright")
+    test_geometry: str = "pad"
+    """How test.py fits test images to the networks: ``pad`` (the FS reference: reflect-pad to a multiple of
+    ``diffusion.pad_multiple``, crop the output back, score the full image) or ``center_crop`` (the TS
+    reference: centre-crop input and ground truth to a multiple of ``diffusion.pad_multiple`` and score the
+    crop; see utils.metrics.center_crop_boxes)."""
 
 
 @dataclass
@@ -152,11 +168,13 @@ class Config:
 
     seed: int = 3407
     stage: str = "diffusion"
-    """What this run trains: ``anchor`` (the encoder alone, against ``optim.anchor_target``) or ``diffusion``
-    (the noise predictor; the encoder too if ``optim.train_encoder``)."""
+    """What this run trains: ``anchor`` (the encoder alone, against ``optim.anchor_target``), ``he`` (the TS
+    variant's HE network alone, against hr, on a frozen encoder) or ``diffusion`` (the noise predictor; the
+    encoder too if ``optim.train_encoder``; the HE network stays frozen)."""
     init_from: str | None = None
     """Checkpoint of an earlier stage whose anchor encoder this run loads (and keeps frozen unless
-    ``optim.train_encoder``)."""
+    ``optim.train_encoder``), and its HE network where it holds one (required by stage ``diffusion`` with
+    ``model.he_network``; always frozen there)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -172,7 +190,7 @@ class Config:
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "diffusion.beta_schedule": ("cosine", "linear"),
-    "stage": ("anchor", "diffusion"),
+    "stage": ("anchor", "he", "diffusion"),
     "sampler.sampler": ("ddpm", "ddim", "anchor"),
     "val_sampler.sampler": ("ddpm", "ddim", "anchor"),
     "optim.anchor_target": ("chroma", "hr"),
@@ -182,6 +200,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.scheduler": (None, "cosine", "plateau"),
     "data.use_dataset": ("LOL", "LOLv2", "LOLv2_synthetic", "VELOL", "LOL+LOLv2", "LOL+LOLv2+VELOL", "folder"),
     "trainer.monitor_mode": ("min", "max"),
+    "data.test_geometry": ("pad", "center_crop"),
 }
 
 
@@ -284,11 +303,14 @@ def _check_consistency(config: Config) -> None:
                           "equalised image)")
     if not 0.0 <= config.optim.ref_prob <= 1.0:
         raise ConfigError("optim.ref_prob must be in [0, 1]")
-    if len(config.optim.anchor_loss) != len(config.optim.anchor_loss_weights):
-        raise ConfigError("optim.anchor_loss_weights needs one weight per optim.anchor_loss entry")
-    for name in config.optim.anchor_loss:
-        if name not in ANCHOR_LOSSES:
-            raise ConfigError(f"optim.anchor_loss: '{name}' is not one of {list(ANCHOR_LOSSES)}")
+    for key in ("anchor_loss", "he_loss"):
+        names, weights = getattr(config.optim, key), getattr(config.optim, f"{key}_weights")
+        if len(names) != len(weights):
+            raise ConfigError(f"optim.{key}_weights needs one weight per optim.{key} entry")
+        for name in names:
+            if name not in ANCHOR_LOSSES:
+                raise ConfigError(f"optim.{key}: '{name}' is not one of {list(ANCHOR_LOSSES)}")
+    _check_he_network(config)
     for kind in config.data.synth_kinds:
         if kind not in SYNTH_KINDS:
             raise ConfigError(f"data.synth_kinds: '{kind}' is not one of {list(SYNTH_KINDS)}")
@@ -300,6 +322,23 @@ def _check_consistency(config: Config) -> None:
     multiple = 2 ** (len(config.model.dim_mults) - 1)
     if config.diffusion.pad_multiple % multiple:
         raise ConfigError(f"diffusion.pad_multiple must be a multiple of {multiple} for these dim_mults")
+
+
+def _check_he_network(config: Config) -> None:
+    """The two-step (TS) variant's settings: the HE network and the stage that trains it."""
+    model = config.model
+    if model.he_network and model.cond_on_res:
+        raise ConfigError("model.he_network (the TS anchor zeta + (1 - zeta) img_c) needs model.cond_on_res: false: "
+                          "the screen blend takes the sigmoid encoder output img_c in (0, 1)")
+    if model.he_network and not config.diffusion.use_center:
+        raise ConfigError("model.he_network only changes the anchor, which diffusion.use_center: false does not use")
+    if config.stage == "he" and not model.he_network:
+        raise ConfigError("stage: he trains the HE network, which needs model.he_network: true")
+    if config.stage == "he" and config.optim.train_encoder:
+        raise ConfigError("stage: he trains the HE network alone on a frozen encoder: set optim.train_encoder: false")
+    if config.stage == "anchor" and model.he_network:
+        raise ConfigError("stage: anchor trains the encoder alone and validates its output; set model.he_network: "
+                          "false there (the he stage adds the HE network and loads this encoder with init_from)")
 
 
 def check_sampler(sampler: SamplerConfig, timesteps: int, prefix: str = "sampler.") -> None:
