@@ -22,6 +22,10 @@ module's test loop), reproduced here:
   applies the swap (and the column-wise grey SSIM). Writing outputs with truncation instead of rounding
   is the caller's business: ``to_uint8(x, mode="truncate")``.
 * Model selection: :func:`combined_score`.
+* Geometry. FS: the input is reflect-padded to a multiple of 32 and the output cropped back, so the full
+  images are scored. TS (``data.test_geometry: center_crop``): input and ground truth are centre-cropped to
+  multiples of 32 and only the crop is scored (LOL 600x400 -> 576x384); :func:`center_crop_boxes`, with the
+  reference's two rounding rules under ``reference_protocol``.
 
 ``utils`` must not import ``models`` or ``data``.
 """
@@ -47,6 +51,7 @@ _GRAY_COEFFS_U8 = (9798, 19235, 3735)  # R, G, B; sum 2**15
 _GRAY_COEFFS_F = (0.299, 0.587, 0.114)
 
 __all__ = [
+    "center_crop_boxes",
     "combined_score",
     "gt_mean_correct",
     "image_metrics",
@@ -64,6 +69,30 @@ def _check_pair(out: np.ndarray, gt: np.ndarray) -> None:
         raise ValueError(f"output and ground truth shapes differ: {out.shape} vs {gt.shape}")
     if out.ndim != 3 or out.shape[2] != 3:
         raise ValueError(f"expected (H, W, 3) images, got shape {out.shape}")
+
+
+Box = tuple[int, int, int, int]
+"""A region: (top, left, height, width) in pixels."""
+
+
+def center_crop_boxes(height: int, width: int, multiple: int, reference_protocol: bool = False) -> tuple[Box, Box]:
+    """The TS reference's test geometry: (input box, ground-truth box) of the centred crop whose sides are
+    ``height`` and ``width`` floored to multiples of ``multiple`` (LOL 600x400, multiple 32: 576x384 at top 8,
+    left 12), both (top, left, height, width).
+
+    The reference crops the input with torchvision's ``CenterCrop`` (offset ``round(margin / 2)``, halves to
+    even) but the ground truth in its metric with floor offsets (``margin // 2``): the two differ by one pixel
+    where a margin is 3 mod 4 (its quirk 15). ``reference_protocol=True`` reproduces that; otherwise both
+    boxes use the floor offsets, so output and ground truth cover the same pixels.
+    """
+    crop_h, crop_w = height // multiple * multiple, width // multiple * multiple
+    if crop_h == 0 or crop_w == 0:
+        raise ValueError(f"a {width}x{height} image has no centred crop of multiples of {multiple} pixels")
+    gt_box = ((height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w)
+    if not reference_protocol:
+        return gt_box, gt_box
+    input_box = (round((height - crop_h) / 2), round((width - crop_w) / 2), crop_h, crop_w)
+    return input_box, gt_box
 
 
 def to_uint8(img: np.ndarray | torch.Tensor, mode: str = "round") -> np.ndarray:
