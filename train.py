@@ -15,14 +15,22 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from data.datamodule import datamodule_from_config
+from data.datasets import DatasetError, DatasetNotFoundError
 from models import AnlightenDiff, CheckpointError
 from models.checkpoint import load_earlier_stage, read_checkpoint
 from models.module import check_monitor, missing_earlier_stage
 from utils.cli import UserError, ensure_output_dir, run_cli
-from utils.config import Config, ConfigError, load_config
-from utils.image_io import ImageReadError
+from utils.config import Config, ConfigError, config_from_dict, load_config
+from utils.image_io import ImagePathNotFoundError, ImageReadError
 from utils.lpips import LPIPSWeightsMissing
-from utils.training import TrainingInterrupted, build_callbacks, build_trainer, keeps_best_checkpoint, next_version
+from utils.training import (
+    TrainingDiverged,
+    TrainingInterrupted,
+    build_callbacks,
+    build_trainer,
+    keeps_best_checkpoint,
+    next_version,
+)
 
 RESUME_KEYS = {"model": None, "diffusion": None, "optim": ("optimizer", "train_encoder", "scheduler", "ema_decay")}
 """Config keys a resumed run must share with its checkpoint (None: the whole section): they shape the weights,
@@ -74,6 +82,10 @@ def check_resumable(checkpoint: str, config: Config) -> None:
     saved = (ckpt.get("hyper_parameters") or {}).get("config")
     if not isinstance(saved, dict):
         raise UserError(f"--resume {checkpoint}: the checkpoint holds no config of this project")
+    try:  # keys the checkpoint's version of the project did not have yet take their defaults
+        saved = config_from_dict(saved).to_dict()
+    except ConfigError as err:
+        raise UserError(f"--resume {checkpoint}: the checkpoint's config is not valid here ({err})") from None
     current = config.to_dict()
     diffs = [f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, config {value!r}"
              for section, keys in RESUME_KEYS.items() for key, value in current[section].items()
@@ -138,10 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if trainer.is_global_zero:
             print(f"interrupted: {stop}; continue with --resume {run_dir}", file=sys.stderr)
         return 128 + stop.signum
-    except FloatingPointError as err:
+    except TrainingDiverged as err:
         last = run_dir / "checkpoints" / "last.ckpt"
         kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written"
-        raise FloatingPointError(f"{err}; training stopped, {kept}") from None
+        raise TrainingDiverged(f"{err}; training stopped, {kept}") from None
     if trainer.interrupted:
         return 128 + signal.SIGINT
     has_test = config.data.test_folder is not None or config.data.use_dataset != "folder"
@@ -153,8 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-USER_ERRORS = (ConfigError, CheckpointError, ImageReadError, LPIPSWeightsMissing, FileNotFoundError, ValueError,
-               FloatingPointError)
+USER_ERRORS = (ConfigError, CheckpointError, ImageReadError, ImagePathNotFoundError, DatasetError, DatasetNotFoundError,
+               LPIPSWeightsMissing, TrainingDiverged)
+"""The project's own errors for what the user can fix (with UserError): one line, exit 2. Anything else is a bug
+and keeps its traceback."""
 
 if __name__ == "__main__":
     sys.exit(run_cli(main, USER_ERRORS))

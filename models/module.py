@@ -17,9 +17,9 @@ from models.inference import Enhanced, enhance, pad_to_multiple
 from models.losses import AnchorLoss, Frozen, build_image_loss, dfpl_loss, noise_loss
 from models.unet import NoiseUNet
 from utils.config import Config, ConfigError, SamplerConfig, config_from_dict
-from utils.lpips import build_lpips, lpips_available
+from utils.lpips import LPIPSWeightsMissing, build_lpips, lpips_available, missing_weights_message
 from utils.metrics import combined_score, image_metrics, to_uint8
-from utils.training import keeps_best_checkpoint
+from utils.training import TrainingDiverged, keeps_best_checkpoint
 
 VAL_METRICS = ("psnr", "ssim", "ssim_gray", "lpips", "psnr_gt_mean", "ssim_gt_mean", "combined")
 """What validation logs, as ``val/<name>`` (``lpips`` and ``combined`` are computed with LPIPS-AlexNet)."""
@@ -79,14 +79,28 @@ def monitor_users(config: Config, has_validation: bool) -> list[str]:
 
 
 def check_monitor(config: Config, has_validation: bool) -> None:
-    """Refuse at start-up a ``trainer.monitor`` that something follows but this configuration never logs (a
-    typo, or a val/ metric without validation), which Lightning would report only after the first validation."""
+    """Refuse at start-up a ``trainer.monitor`` that no configuration logs (a typo), or that something follows
+    (the best checkpoint, the plateau schedule) but this configuration never logs (a val/ metric without
+    validation), which Lightning would report only after the first validation, or never."""
     users, monitor = monitor_users(config, has_validation), config.trainer.monitor
+    if monitor not in logged_metrics(True):  # no configuration logs it: a typo, whether or not anything follows it
+        raise ConfigError(f"trainer.monitor: {monitor!r} is never logged; training logs "
+                          f"{', '.join(logged_metrics(True))}")
     logged = logged_metrics(has_validation)
     if users and monitor not in logged:
         why = "" if has_validation else " (no validation: data.val_folder is null)"
         raise ConfigError(f"trainer.monitor: {monitor!r}, which {' and '.join(users)} follow(s), is never logged by "
                           f"this configuration{why}; it logs {', '.join(logged)}")
+
+
+def required_lpips_nets(config: Config, has_validation: bool) -> list[str]:
+    """The LPIPS backbones ("alex", "vgg") a training run of ``config`` uses: its loss's (DFPL's image loss, or
+    the anchor stages' losses) and AlexNet for a followed monitor computed with it."""
+    optim = config.optim
+    losses = {"anchor": optim.anchor_loss, "he": optim.he_loss}.get(
+        config.stage, [optim.dfpl_image_loss] if optim.loss_type == "dfpl" else [])
+    nets = {name.removeprefix("lpips_") for name in losses if name.startswith("lpips_")}
+    return sorted(nets | ({"alex"} if monitor_needs_lpips(config, has_validation) else set()))
 
 
 def monitor_needs_lpips(config: Config, has_validation: bool) -> bool:
@@ -127,6 +141,9 @@ class AnlightenDiff(pl.LightningModule):
         weights stop the run at once with LPIPSWeightsMissing (its message names the command that fetches them)
         instead of in the first training step or after the first validation: the training loss (DFPL's image
         loss, or the anchor stage's losses) and LPIPS-AlexNet when the followed monitor is computed with it."""
+        for net in required_lpips_nets(self.config, has_validation):
+            if not lpips_available(net):
+                raise LPIPSWeightsMissing(missing_weights_message(net))
         optim = self.config.optim
         if self.config.stage == "anchor":
             self._anchor_loss = AnchorLoss(optim.anchor_loss, optim.anchor_loss_weights)
@@ -180,7 +197,7 @@ class AnlightenDiff(pl.LightningModule):
         else:
             loss = self._diffusion_step(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+            raise TrainingDiverged(f"non-finite training loss {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["low"].shape[0])
         return loss
 

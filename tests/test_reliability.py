@@ -43,6 +43,7 @@ import test_unpaired
 import train
 from models import AnlightenDiff, CheckpointError, load_checkpoint
 from models.checkpoint import read_checkpoint
+from tests.conftest import default_signals
 from utils.cli import run_cli
 from utils.config import config_from_dict, load_config
 from utils.training import AtomicCheckpointIO, GracefulStop, SaveRunConfig, build_callbacks, build_trainer
@@ -280,8 +281,12 @@ CASES: list[Any] = [
                  r"trainer\.output_dir .*read_only/tiny: cannot write there \(Permission denied", True,
                  id="train-read_only_output"),
     pytest.param("train.py", lambda w: train_argv(w, "trainer.monitor=val/psnrr", f"data.val_folder={w.pairs}"),
-                 r"trainer\.monitor: 'val/psnrr', which the best checkpoint .* is never logged by this configuration; "
-                 r"it logs train/loss, val/psnr, ", True, id="train-monitor_never_logged"),
+                 r"trainer\.monitor: 'val/psnrr' is never logged; training logs train/loss, val/psnr, ", True,
+                 id="train-monitor_never_logged"),
+    pytest.param("train.py", lambda w: train_argv(w, "trainer.monitor=val/psnrr"),
+                 r"trainer\.monitor: 'val/psnrr' is never logged", True, id="train-monitor_never_logged_no_validation"),
+    pytest.param("train.py", lambda w: train_argv(w, "trainer.monitor=val/lpipss", "optim.scheduler=plateau"),
+                 r"trainer\.monitor: 'val/lpipss' is never logged", True, id="train-plateau_on_a_typo"),
     pytest.param("train.py", lambda w: train_argv(w, "optim.scheduler=plateau"),
                  r"trainer\.monitor: 'val/psnr', which optim\.scheduler: plateau follow\(s\), is never logged by this "
                  r"configuration \(no validation: data\.val_folder is null\)", True,
@@ -726,7 +731,8 @@ def start(argv: list[str], logs: Path, own_group: bool = False) -> subprocess.Po
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=(logs / "out.txt").open("w"),
-                            stderr=(logs / "err.txt").open("w"), start_new_session=own_group)
+                            stderr=(logs / "err.txt").open("w"), start_new_session=own_group,
+                            preexec_fn=default_signals)
 
 
 def finish(proc: subprocess.Popen, logs: Path, timeout: float = 300) -> tuple[int, str]:
@@ -888,3 +894,48 @@ def test_missing_lpips_weights_stop_training_before_the_run_folder_exists(world,
     assert_one_error(err, rf"LPIPS-{net} needs the ImageNet backbone weights.*Run `python -m utils\.lpips_weights`")
     assert_kept(before, world.root, nothing_new=True)
     assert not (world.runs / "tiny" / "version_1").exists()
+
+
+# ----------------------------------------------------------------------------------------------- user errors
+BUILTIN_ERRORS = [ValueError("x"), FileNotFoundError("x"), FileExistsError("x"), FloatingPointError("x"),
+                  OSError("x"), RuntimeError("x"), KeyError("x"), TypeError("x")]
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_only_the_projects_own_errors_are_user_errors(script, world, capsys, monkeypatch):
+    """A builtin exception is a bug wherever it comes from: it keeps its traceback instead of becoming one tidy
+    ``error:`` line. The user errors are the project's own types, raised on purpose with a message for the user."""
+    module = SCRIPTS[script]
+    for cls in module.USER_ERRORS:
+        assert cls.__module__.split(".")[0] in ("utils", "models", "data"), cls
+    for error in BUILTIN_ERRORS:
+        def bug(argv: Any, error: Exception = error) -> int:
+            raise error
+
+        with pytest.raises(type(error)):
+            run_cli(bug, module.USER_ERRORS, [])
+    assert capsys.readouterr().err == ""
+
+    def internal_bug(*args: Any, **kwargs: Any) -> None:  # in the scripts' own code path
+        raise ValueError("internal: bad array layout")
+
+    monkeypatch.setattr(module, "check_monitor" if script == "train.py" else "save_png", internal_bug)
+    argv = {"train.py": train_argv(world), "test.py": evaluate_argv(world), "test_unpaired.py": unpaired_argv(world)}
+    with pytest.raises(ValueError, match="internal: bad array layout"):
+        run_cli(module.main, module.USER_ERRORS, argv[script])
+    assert "error: " not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ignored", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_scripts_started_by_the_tests_get_default_signal_dispositions(tmp_path, ignored):
+    """However the suite was started (here: with the signal ignored, as under ``nohup`` or in a background job),
+    the processes the signal tests start handle SIGINT as Ctrl-C (KeyboardInterrupt) and SIGTERM by default."""
+    previous = signal.signal(ignored, signal.SIG_IGN)
+    try:
+        probe = ("import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
+                 "signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)")
+        code, err = finish(start(["-c", probe], tmp_path), tmp_path, timeout=60)
+    finally:
+        signal.signal(ignored, previous)
+    assert code == 0, err
+    assert (tmp_path / "out.txt").read_text().split() == ["True", "True"]

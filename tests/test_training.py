@@ -1,11 +1,13 @@
 import pytest
 import torch
 
+import models.module
 from models import AnlightenDiff
 from models.losses import build_image_loss, dfpl_loss
-from models.module import check_monitor, logged_metrics
+from models.module import check_monitor, logged_metrics, required_lpips_nets
 from tests.conftest import TINY
 from utils.config import ConfigError, config_from_dict
+from utils.lpips import LPIPSWeightsMissing
 from utils.training import build_strategy, has_unused_trained_parameters
 
 
@@ -184,3 +186,24 @@ def test_validation_logs_exactly_the_metrics_a_monitor_may_follow(tiny_config, i
     tiny_config.trainer.monitor, tiny_config.optim.scheduler = "val/psnr", "plateau"
     with pytest.raises(ConfigError, match=r"trainer\.monitor: 'val/psnr'.*no validation"):
         check_monitor(tiny_config, has_validation=False)
+
+
+@pytest.mark.parametrize("overrides, validation, nets", [
+    ({"optim": {"loss_type": "dfpl"}}, True, ["alex", "vgg"]),  # the faithful DFPL-VGG, monitor val/combined
+    ({"optim": {"loss_type": "dfpl"}}, False, ["vgg"]),  # nothing follows val/combined without validation
+    ({"optim": {"loss_type": "dfpl", "dfpl_image_loss": "l1"}, "trainer": {"monitor": "val/psnr"}}, True, []),
+    ({"optim": {"loss_type": "l2"}, "trainer": {"monitor": "val/lpips"}}, True, ["alex"]),
+    ({"optim": {"loss_type": "l2"}, "trainer": {"monitor": "val/lpips", "save_top_k": 0}}, True, []),
+    ({"optim": {"loss_type": "dfpl", "dfpl_image_loss": "lpips_alex"}, "trainer": {"monitor": "val/ssim"}}, True,
+     ["alex"]),
+])
+def test_the_lpips_networks_a_run_needs_are_checked_before_it_starts(overrides, validation, nets, monkeypatch):
+    config = config_from_dict({**TINY, **{k: {**TINY.get(k, {}), **v} for k, v in overrides.items()}})
+    assert required_lpips_nets(config, validation) == nets
+    module = AnlightenDiff(config)
+    monkeypatch.setattr(models.module, "lpips_available", lambda net: False)
+    if nets:
+        with pytest.raises(LPIPSWeightsMissing, match=rf"LPIPS-{nets[0]} .*python -m utils\.lpips_weights"):
+            module.prepare_training(validation)
+    else:
+        module.prepare_training(validation)

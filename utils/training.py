@@ -279,11 +279,12 @@ def has_unused_trained_parameters(config: Config) -> bool:
     """Whether a trained parameter can go without a gradient in a training step, which DDP must then look for
     (``find_unused_parameters``: one more traversal of the graph every step; without it DDP stops at such a step).
 
-    Only the anchor encoder's can: it owns a time MLP it never runs (so that the official checkpoint loads), its
-    output is not used on teacher-forced steps nor its feature maps in the anchor stage, and without DRDA it does
-    not run at all. So: when the encoder is trained (the anchor stage, or ``optim.train_encoder``). The denoising
-    UNet uses every parameter in every step, and a frozen encoder has no trained parameters."""
-    return config.stage == "anchor" or config.optim.train_encoder
+    Only the anchor networks' can: each U-Net but the denoiser owns a time MLP it never runs (so that the official
+    checkpoints load), the encoder's output is not used on teacher-forced steps nor its feature maps in the anchor
+    stage, and without DRDA it does not run at all. So: when a stage trains anything but the denoising UNet alone
+    (the anchor stages, or ``optim.train_encoder``). The denoising UNet uses every parameter in every step, and
+    frozen networks have no trained parameters."""
+    return config.stage != "diffusion" or config.optim.train_encoder
 
 
 def build_strategy(config: Config) -> str | Strategy:
