@@ -141,6 +141,8 @@ UNUSED_CASES = {
                                 "optim": {"train_encoder": True}},
     "anchor_stage": {"stage": "anchor", "optim": {"anchor_target": "hr", "anchor_loss": ["l1"],
                                                   "anchor_loss_weights": [1.0]}},
+    "he_stage": {"stage": "he", "model": {"he_network": True, "stronger_cond": False, "cond_on_res": False},
+                 "optim": {"he_loss": ["l1"], "he_loss_weights": [1.0]}},
 }
 
 
