@@ -215,8 +215,9 @@ def test_test_unpaired_tiles_large_images(tmp_path, tiny_ckpt):
     tiled = np.asarray(Image.open(out / "big.png"))
     assert tiled.shape == (20, 28, 3)
     assert (tiled.astype(int) >= np.asarray(Image.open(inputs / "big.png")).astype(int) - 1).all()
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(UserError, match="--tile must be a positive multiple of 8"):  # refused before any work
         test_unpaired.main([*base, "--output", str(tmp_path / "o2"), "--tile", "15"])
+    assert not (tmp_path / "o2").exists()
 
 
 def test_test_unpaired_bf16_stays_close_to_fp32(tmp_path, tiny_ckpt):
