@@ -33,9 +33,7 @@ from utils.cli import (
 from utils.config import ConfigError, load_config
 from utils.image_io import ImagePathNotFoundError, ImageReadError, OutputExistsError, atomic_write, read_image, save_png
 from utils.lpips import MIN_SIZES, build_lpips, lpips_available, missing_weights_message
-from utils.metrics import SSIM_MIN_SIZE, center_crop_boxes, image_metrics, to_uint8
-
-METRICS = ("psnr", "ssim", "ssim_gray", "lpips", "psnr_gt_mean", "ssim_gt_mean")
+from utils.metrics import METRICS, SSIM_MIN_SIZE, center_crop_boxes, mean_scores, quantize_output, score_pair
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -75,15 +73,6 @@ def environment() -> dict[str, Any]:
             "pytorch_lightning": pytorch_lightning.__version__, "scikit_image": skimage.__version__,
             "numpy": np.__version__, "machine": platform.machine(), "processor": platform.processor(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Dataset means of each metric (None where a metric is missing)."""
-    means = {}
-    for key in METRICS:
-        values = [r[key] for r in rows if r[key] is not None]
-        means[key] = float(np.mean(values)) if values and len(values) == len(rows) else None
-    return means
 
 
 def write_reports(output: Path, rows: list[dict[str, Any]], summary: dict[str, Any], overwrite: bool) -> None:
@@ -145,7 +134,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     lpips_model = build_lpips("alex", device=device) if lpips_available("alex") else None
     if lpips_model is None:
         print(f"LPIPS: null ({missing_weights_message('alex').splitlines()[0]})", file=sys.stderr)
-    mode = "truncate" if args.reference_protocol else "round"
     ensure_output_dir(output, "--output")
     rows = []
     for index in tqdm(range(len(dataset)), desc="testing", unit="image"):
@@ -153,12 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         low, high = fit_geometry(item, config.data.test_geometry, model.config.diffusion.pad_multiple,
                                  args.reference_protocol)
         result = model.enhance(low[None].to(device), sampler, precision=precision)
-        out_u8 = to_uint8(result.image[0].float().cpu(), mode=mode)
-        gt_u8 = to_uint8(high)  # the file's exact bytes: round-trips through float
+        out_u8 = quantize_output(result.image[0].float().cpu(), args.reference_protocol)
         save_png(output / f"{Path(item['name']).stem}.png", out_u8, overwrite=args.overwrite)
-        scores = image_metrics(out_u8, gt_u8, lpips_model=lpips_model, reference_protocol=args.reference_protocol)
+        scores = score_pair(out_u8, high, lpips_model, reference_protocol=args.reference_protocol)
         rows.append({"name": item["name"], **scores})
-    means = summarise(rows)
+    means = mean_scores(rows)
     lpips_note = None if lpips_model else missing_weights_message("alex").splitlines()[0]
     too_small = [r["name"] for r in rows if r["lpips"] is None] if lpips_model else []
     if too_small:

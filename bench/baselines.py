@@ -17,7 +17,7 @@ from skimage import exposure
 from data.datasets import pair_files
 from utils.image_io import read_image
 from utils.lpips import build_lpips, lpips_available
-from utils.metrics import image_metrics, to_uint8
+from utils.metrics import mean_scores, score_pairs
 
 METHODS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "identity (input as is)": lambda x: x,
@@ -29,11 +29,8 @@ COLUMNS = ("psnr", "ssim", "lpips", "psnr_gt_mean", "ssim_gt_mean")
 
 
 def evaluate(method: Callable[[np.ndarray], np.ndarray], pairs: list[tuple[Path, Path]], lpips_model) -> dict:
-    rows = []
-    for low_path, high_path in pairs:
-        out = to_uint8(np.clip(method(read_image(low_path).rgb), 0, 1))
-        rows.append(image_metrics(out, to_uint8(read_image(high_path).rgb), lpips_model=lpips_model))
-    return {k: None if rows[0][k] is None else float(np.mean([r[k] for r in rows])) for k in COLUMNS}
+    outputs = ((np.clip(method(read_image(low).rgb), 0, 1), read_image(high).rgb) for low, high in pairs)
+    return mean_scores(score_pairs(outputs, lpips_model), COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:

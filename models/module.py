@@ -18,10 +18,10 @@ from models.losses import AnchorLoss, Frozen, build_image_loss, dfpl_loss, noise
 from models.unet import NoiseUNet
 from utils.config import Config, ConfigError, SamplerConfig, config_from_dict
 from utils.lpips import LPIPSWeightsMissing, build_lpips, lpips_available, missing_weights_message
-from utils.metrics import combined_score, image_metrics, to_uint8
+from utils.metrics import METRICS, combined_score, score_pairs
 from utils.training import TrainingDiverged, keeps_best_checkpoint
 
-VAL_METRICS = ("psnr", "ssim", "ssim_gray", "lpips", "psnr_gt_mean", "ssim_gt_mean", "combined")
+VAL_METRICS = (*METRICS, "combined")
 """What validation logs, as ``val/<name>`` (``lpips`` and ``combined`` are computed with LPIPS-AlexNet)."""
 LPIPS_METRICS = ("val/lpips", "val/combined")
 
@@ -295,14 +295,11 @@ class AnlightenDiff(pl.LightningModule):
     def _evaluate(self, batch: dict[str, Any], stage: str, batch_idx: int) -> None:
         sampler = self.config.val_sampler if stage == "val" else self.config.sampler
         result = self._stage_result(batch["low"], sampler)
-        lpips_model = self._lpips_model()
-        for out, gt in zip(result.image, self.anchor_target(batch["high"]) if self.config.stage == "anchor"
-                           else batch["high"], strict=True):
-            scores = image_metrics(to_uint8(out), to_uint8(gt), lpips_model=lpips_model)
-            logged = {k: v for k, v in scores.items() if v is not None}
-            if scores.get("lpips") is not None:
-                logged["combined"] = combined_score(scores["psnr"], scores["ssim"], scores["lpips"])
-            self.log_dict({f"{stage}/{k}": float(v) for k, v in logged.items()}, on_epoch=True,
+        target = self.anchor_target(batch["high"]) if self.config.stage == "anchor" else batch["high"]
+        for scores in score_pairs(zip(result.image, target, strict=True), self._lpips_model()):
+            if scores["lpips"] is not None:
+                scores["combined"] = combined_score(scores["psnr"], scores["ssim"], scores["lpips"])
+            self.log_dict({f"{stage}/{k}": float(v) for k, v in scores.items() if v is not None}, on_epoch=True,
                           sync_dist=True, batch_size=1)
         if batch_idx == 0 and stage == "val":
             self._log_grid(batch, result)

@@ -19,9 +19,11 @@ module's test loop), reproduced here:
 * Quirk 6: the test loop re-reads both PNGs with a BGR channel swap before every metric. The swap does
   not change PSNR or SSIM (channel order is irrelevant to them), but the grey conversion then weights
   B by 0.299 and R by 0.114, and LPIPS sees BGR input. ``image_metrics(..., reference_protocol=True)``
-  applies the swap (and the column-wise grey SSIM). Writing outputs with truncation instead of rounding
-  is the caller's business: ``to_uint8(x, mode="truncate")``.
+  applies the swap (and the column-wise grey SSIM). The reference also truncates its outputs to uint8 where
+  this project rounds: :func:`quantize_output`.
 * Model selection: :func:`combined_score`.
+* One scoring path: validation, ``test.py`` and the benchmarks all score their (output, ground truth) pairs with
+  :func:`score_pairs` (quantisation + :func:`image_metrics`) and average them with :func:`mean_scores`.
 * Geometry. FS: the input is reflect-padded to a multiple of 32 and the output cropped back, so the full
   images are scored. TS (``data.test_geometry: center_crop``): input and ground truth are centre-cropped to
   multiples of 32 and only the crop is scored (LOL 600x400 -> 576x384); :func:`center_crop_boxes`, with the
@@ -32,6 +34,7 @@ module's test loop), reproduced here:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,8 +59,12 @@ __all__ = [
     "gt_mean_correct",
     "image_metrics",
     "lpips_distance",
+    "mean_scores",
     "psnr",
+    "quantize_output",
     "rgb_to_gray",
+    "score_pair",
+    "score_pairs",
     "ssim",
     "ssim_gray",
     "to_uint8",
@@ -259,3 +266,47 @@ def image_metrics(
         "psnr_gt_mean": psnr(corrected, gt_u8),
         "ssim_gt_mean": ssim(corrected, gt_u8) if has_ssim else None,
     }
+
+
+METRICS = ("psnr", "ssim", "ssim_gray", "lpips", "psnr_gt_mean", "ssim_gt_mean")
+"""The per-image metrics :func:`image_metrics` and :func:`score_pair` report, in report order."""
+
+ImageLike = np.ndarray | torch.Tensor
+"""A float image in [0, 1], (3, H, W) tensor or (H, W, 3) array, or an (H, W, 3) uint8 array."""
+
+
+def quantize_output(img: ImageLike, reference_protocol: bool = False) -> np.ndarray:
+    """An image as it is saved and scored: (H, W, 3) uint8, rounded (:func:`to_uint8`), or truncated as the
+    reference writes its outputs with ``reference_protocol``. A uint8 array is returned as it is."""
+    if isinstance(img, np.ndarray) and img.dtype == np.uint8:
+        return img
+    return to_uint8(img, mode="truncate" if reference_protocol else "round")
+
+
+def score_pair(out: ImageLike, gt: ImageLike, lpips_model: torch.nn.Module | None = None, *,
+               reference_protocol: bool = False) -> dict[str, float | None]:
+    """The project's metrics (:data:`METRICS`) of one (output, ground truth) pair: the output quantised by
+    :func:`quantize_output` (truncated under ``reference_protocol``), the ground truth rounded (so an 8-bit file
+    read as float gives back its own bytes), then :func:`image_metrics` with the same protocol."""
+    return image_metrics(quantize_output(out, reference_protocol), quantize_output(gt), lpips_model,
+                         reference_protocol)
+
+
+def score_pairs(pairs: Iterable[tuple[ImageLike, ImageLike]], lpips_model: torch.nn.Module | None = None, *,
+                reference_protocol: bool = False) -> list[dict[str, float | None]]:
+    """:func:`score_pair` of every (output, ground truth) pair: what validation, ``test.py`` and the benchmarks
+    score, so that they report the same numbers for the same images."""
+    return [score_pair(out, gt, lpips_model, reference_protocol=reference_protocol) for out, gt in pairs]
+
+
+def mean_scores(rows: Sequence[Mapping[str, float | None]], keys: Sequence[str] = METRICS
+                ) -> dict[str, float | None]:
+    """The mean over images of each metric in ``keys``; None where it is undefined (None) on any image, since a
+    mean over only some of the images would not be comparable. (Validation leaves the averaging to Lightning,
+    which also reduces over DDP ranks, and averages only the images where a metric is defined: the two differ only
+    when a set mixes images smaller than a metric's window with larger ones.)"""
+    means: dict[str, float | None] = {}
+    for key in keys:
+        values = [row[key] for row in rows]
+        means[key] = float(np.mean(values)) if values and None not in values else None
+    return means
