@@ -15,13 +15,15 @@ Arrays are HxWx3 float in [0, 1] (sRGB).
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 
 import numpy as np
 
 from data.degradation import LowLightDegradation, linear_to_srgb, quantize_8bit, srgb_to_linear
+from utils.config import SynthKind
 
-KINDS = ("dark", "identity", "bright")
+KINDS = typing.get_args(SynthKind)
 
 
 class ExposureSynthesis:

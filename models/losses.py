@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Sequence
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
 from models.diffusion import GaussianDiffusion
+from utils.config import ImageLossName, NoiseLossName
 from utils.lpips import build_lpips
 
 ImageLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,14 +38,14 @@ class LPIPSLoss:
 
 
 def build_image_loss(name: str) -> ImageLoss:
-    """Image-space loss on (B, 3, H, W) images in [0, 1] by name: lpips_vgg, lpips_alex, l1, l2."""
+    """Image-space loss on (B, 3, H, W) images in [0, 1] by name (:data:`utils.config.ImageLossName`)."""
     if name in ("lpips_vgg", "lpips_alex"):
         return LPIPSLoss(name.removeprefix("lpips_"))
     if name == "l1":
         return F.l1_loss
     if name == "l2":
         return F.mse_loss
-    raise ValueError(f"unknown DFPL image loss '{name}'; valid: lpips_vgg, lpips_alex, l1, l2")
+    raise ValueError(f"unknown DFPL image loss '{name}'; valid: {', '.join(typing.get_args(ImageLossName))}")
 
 
 class AnchorLoss:
@@ -75,7 +77,7 @@ def noise_loss(loss_type: str, eps_hat: torch.Tensor, eps_star: torch.Tensor) ->
         return F.mse_loss(eps_hat, eps_star)
     if loss_type == "l1":
         return F.smooth_l1_loss(eps_hat, eps_star)
-    raise ValueError(f"unknown noise loss '{loss_type}'; valid: l1, l2")
+    raise ValueError(f"unknown noise loss '{loss_type}'; valid: {', '.join(typing.get_args(NoiseLossName))}")
 
 
 def dfpl_loss(

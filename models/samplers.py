@@ -20,8 +20,6 @@ import torch
 from models.diffusion import GaussianDiffusion
 from utils.config import SamplerConfig, check_sampler
 
-SAMPLERS = ("ddpm", "ddim", "anchor")
-
 
 def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard-normal noise shaped like ``x``, on its device, drawn from ``generator`` (on the generator's device)."""
@@ -103,15 +101,11 @@ class DDIMSampler:
 def make_sampler(diffusion: GaussianDiffusion, name: str, steps: int, eta: float = 0.0
                  ) -> DDPMSampler | DDIMSampler | None:
     """Build a sampler by name with its timesteps set; None for ``anchor`` (no diffusion steps: the output is
-    the anchor itself). The settings are checked by :func:`utils.config.check_sampler` (ConfigError)."""
+    the anchor itself). The name and settings are checked by :func:`utils.config.check_sampler` (ConfigError; the
+    names are :data:`utils.config.SamplerName`)."""
     check_sampler(SamplerConfig(name, steps, eta), diffusion.num_timesteps, prefix="")
     if name == "anchor":
         return None
-    if name == "ddpm":
-        sampler: DDPMSampler | DDIMSampler = DDPMSampler(diffusion)
-    elif name == "ddim":
-        sampler = DDIMSampler(diffusion, eta=eta)
-    else:
-        raise ValueError(f"unknown sampler '{name}'; valid: {', '.join(SAMPLERS)}")
+    sampler = DDPMSampler(diffusion) if name == "ddpm" else DDIMSampler(diffusion, eta=eta)
     sampler.set_timesteps(steps)
     return sampler

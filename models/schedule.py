@@ -6,10 +6,11 @@ Equation numbers refer to the AnlightenDiff paper. Every schedule returns betas 
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 
-SCHEDULES = ("cosine", "linear")
+from utils.config import BetaSchedule
 
 
 def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> torch.Tensor:
@@ -33,7 +34,7 @@ def beta_schedule(name: str, timesteps: int) -> torch.Tensor:
         return cosine_beta_schedule(timesteps)
     if name == "linear":
         return linear_beta_schedule(timesteps)
-    raise ValueError(f"unknown beta schedule '{name}'; valid: {', '.join(SCHEDULES)}")
+    raise ValueError(f"unknown beta schedule '{name}'; valid: {', '.join(typing.get_args(BetaSchedule))}")
 
 
 def drda_coefficient(alphas_cumprod: torch.Tensor) -> torch.Tensor:

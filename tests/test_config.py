@@ -1,17 +1,22 @@
 import argparse
+import typing
 from pathlib import Path
 
 import pytest
 
+from data.datamodule import DATASET_COMBINATIONS
+from data.exposure import KINDS
 from models import AnlightenDiff
 from models.module import build_networks
 from models.samplers import make_sampler
 from utils.cli import UserError, sampler_from_args
 from utils.config import (
-    CHOICES,
     Config,
     ConfigError,
+    DatasetName,
     SamplerConfig,
+    SamplerName,
+    SynthKind,
     apply_overrides,
     config_from_dict,
     load_config,
@@ -121,7 +126,7 @@ def test_the_flags_and_make_sampler_refuse_what_the_config_refuses(settings, key
 
 
 def test_every_sampler_name_of_the_choices_is_accepted():
-    for name in CHOICES["sampler.sampler"]:
+    for name in typing.get_args(SamplerName):
         steps = 10 if name == "ddpm" else 2
         config = config_from_dict({**SMALL, "sampler": {"sampler": name, "steps": steps},
                                    "val_sampler": {"sampler": name, "steps": steps, "eta": 0.5}})
@@ -133,3 +138,12 @@ def test_use_center_off_needs_stronger_cond_off():
         config_from_dict({"diffusion": {"use_center": False}})
     config = config_from_dict({"diffusion": {"use_center": False}, "model": {"stronger_cond": False}})
     assert not config.diffusion.use_center and not config.model.stronger_cond
+
+
+def test_choices_are_declared_once_and_read_by_the_modules_that_own_them():
+    assert set(typing.get_args(DatasetName)) == set(DATASET_COMBINATIONS)  # the datamodule maps every name
+    assert KINDS == typing.get_args(SynthKind)
+    with pytest.raises(ConfigError, match=r"^optim\.scheduler: expected one of \['cosine', 'plateau'\] or null"):
+        config_from_dict({"optim": {"scheduler": "step"}})
+    with pytest.raises(ConfigError, match=r"^optim\.he_loss\[1\]: 'ssim' is not one of \['msssim', 'lpips_vgg'"):
+        config_from_dict({"optim": {"he_loss": ["l1", "ssim"], "he_loss_weights": [1.0, 1.0]}})

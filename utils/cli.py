@@ -8,12 +8,13 @@ import os
 import re
 import secrets
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from utils.config import CHOICES, PRECISIONS, ConfigError, SamplerConfig, check_sampler
+from utils.config import PRECISIONS, ConfigError, SamplerConfig, SamplerName, check_sampler
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -102,7 +103,7 @@ def add_inference_args(parser: argparse.ArgumentParser, defaults: SamplerConfig 
     d = defaults
     parser.add_argument("--ckpt", help="checkpoint: ours or the paper's FS_final.ckpt (default: the bundled "
                                        "checkpoints/default.ckpt)")
-    parser.add_argument("--sampler", choices=CHOICES["sampler.sampler"], default=d and d.sampler,
+    parser.add_argument("--sampler", choices=typing.get_args(SamplerName), default=d and d.sampler,
                         help="ddpm: the paper's 100-step sampler; ddim: exact few-step sampler; anchor: no "
                              "diffusion steps, the anchor itself (one network pass, a preview) "
                              f"(default: {d.sampler if d else 'the config'})")

@@ -4,6 +4,10 @@ A config is a tree of dataclasses whose defaults are the reference (faithful) se
 public code, so a YAML file only lists what it changes. Loading validates every key and type: a misspelt
 key is an error naming the nearest valid one. Dotted command-line overrides (``model.unet_dim=32``) go
 through the same validation.
+
+Every choice (schedules, samplers, losses, datasets, stages, ...) is declared once, as a ``typing.Literal`` below:
+the fields are typed with it, so loading refuses any other value naming the valid ones, and the modules that
+implement a choice read the same declaration (``typing.get_args``).
 """
 
 from __future__ import annotations
@@ -15,13 +19,39 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and why."""
+
+
+BetaSchedule = Literal["cosine", "linear"]
+"""``diffusion.beta_schedule`` (models/schedule.py)."""
+SamplerName = Literal["ddpm", "ddim", "anchor"]
+"""``sampler.sampler`` and ``val_sampler.sampler``, the scripts' ``--sampler`` (models/samplers.py)."""
+Stage = Literal["anchor", "he", "diffusion"]
+"""``stage``: what a training run trains (models/module.py)."""
+NoiseLossName = Literal["l1", "l2"]
+"""Noise-space losses (models/losses.py:noise_loss)."""
+LossType = Literal["dfpl", NoiseLossName]
+"""``optim.loss_type``: DFPL or a noise-space loss."""
+ImageLossName = Literal["lpips_vgg", "lpips_alex", "l1", "l2"]
+"""``optim.dfpl_image_loss`` (models/losses.py:build_image_loss)."""
+AnchorLossName = Literal["msssim", ImageLossName]
+"""Entries of ``optim.anchor_loss`` and ``optim.he_loss`` (models/losses.py:AnchorLoss)."""
+OptimizerName = Literal["lion", "adamw"]
+SchedulerName = Literal["cosine", "plateau"]
+AnchorTarget = Literal["chroma", "hr"]
+DatasetName = Literal["LOL", "LOLv2", "LOLv2_synthetic", "VELOL", "LOL+LOLv2", "LOL+LOLv2+VELOL", "folder"]
+"""``data.use_dataset`` (data/datamodule.py:DATASET_COMBINATIONS maps each to its layouts)."""
+SynthKind = Literal["dark", "identity", "bright"]
+"""Entries of ``data.synth_kinds`` (data/exposure.py)."""
+TestGeometry = Literal["pad", "center_crop"]
+MonitorMode = Literal["min", "max"]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -56,14 +86,14 @@ class DiffusionConfig:
     """Noise schedule and the anchoring switches (DRDA in ``q_sample``, DRDS in ``q_posterior``)."""
 
     timesteps: int = 100
-    beta_schedule: str = "cosine"
+    beta_schedule: BetaSchedule = "cosine"
     use_center: bool = True
     use_center_sampler: bool = True
     clip_denoised: bool = True
     pad_multiple: int = 32
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = typing.get_args(Precision)
 """Inference precisions: fp32, or autocast of the two networks to bf16/fp16 (the sampler stays fp32)."""
 
 
@@ -71,7 +101,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class SamplerConfig:
     """How images are sampled: ``ddpm`` is the paper's 100-step sampler, ``ddim`` the exact few-step one."""
 
-    sampler: str = "ddpm"
+    sampler: SamplerName = "ddpm"
     steps: int = 100
     eta: float = 0.0
     seed: int | None = 0
@@ -87,24 +117,24 @@ checkpoint it scores above the paper's DDPM-100 on held-out LOL pairs (more step
 class OptimConfig:
     """Loss and optimisation of the LightningModule."""
 
-    loss_type: str = "dfpl"
-    dfpl_image_loss: str = "lpips_vgg"
-    optimizer: str = "lion"
+    loss_type: LossType = "dfpl"
+    dfpl_image_loss: ImageLossName = "lpips_vgg"
+    optimizer: OptimizerName = "lion"
     lr: float = 4e-4
     weight_decay: float = 0.0
-    scheduler: str | None = None
+    scheduler: SchedulerName | None = None
     scheduler_patience: int = 10
     scheduler_factor: float = 0.5
     min_lr: float = 1e-6
     ref_prob: float = 0.5
     train_encoder: bool = False
     ema_decay: float | None = None
-    anchor_target: str = "chroma"
+    anchor_target: AnchorTarget = "chroma"
     """Stage ``anchor``: what the encoder learns: ``chroma`` (C(hr), the reference's TS encoder) or ``hr``."""
-    anchor_loss: tuple[str, ...] = ("msssim",)
+    anchor_loss: tuple[AnchorLossName, ...] = ("msssim",)
     """Stage ``anchor``: image losses summed (msssim = 1 - 4-scale MS-SSIM, l1, l2, lpips_alex, lpips_vgg)."""
     anchor_loss_weights: tuple[float, ...] = (1.0,)
-    he_loss: tuple[str, ...] = ("lpips_vgg",)
+    he_loss: tuple[AnchorLossName, ...] = ("lpips_vgg",)
     """Stage ``he``: image losses summed between the HE network's zeta and hr (the same names as ``anchor_loss``;
     the reference's TS default is LPIPS-VGG on [0, 1] images)."""
     he_loss_weights: tuple[float, ...] = (1.0,)
@@ -114,7 +144,7 @@ class OptimConfig:
 class DataConfig:
     """Datasets (roots in the layouts the datasets ship with) and loaders."""
 
-    use_dataset: str = "LOL+LOLv2+VELOL"
+    use_dataset: DatasetName = "LOL+LOLv2+VELOL"
     lol_root: str = "data/LOL"
     lolv2_root: str = "data/LOLv2"
     velol_root: str = "data/VE-LOL-L"
@@ -128,8 +158,8 @@ class DataConfig:
     synth_prob: float = 0.0
     """Probability that a training crop is replaced by a synthetic pair made from its ``high`` image (exposure
     variety: see data.exposure); 0 keeps the real pairs only (the reference)."""
-    synth_kinds: tuple[str, ...] = ("dark", "identity", "bright")
-    test_geometry: str = "pad"
+    synth_kinds: tuple[SynthKind, ...] = ("dark", "identity", "bright")
+    test_geometry: TestGeometry = "pad"
     """How test.py fits test images to the networks: ``pad`` (the FS reference: reflect-pad to a multiple of
     ``diffusion.pad_multiple``, crop the output back, score the full image) or ``center_crop`` (the TS
     reference: centre-crop input and ground truth to a multiple of ``diffusion.pad_multiple`` and score the
@@ -154,7 +184,7 @@ class TrainerConfig:
     log_every_n_steps: int = 50
     limit_val_batches: int | float = 1.0
     monitor: str = "val/combined"
-    monitor_mode: str = "max"
+    monitor_mode: MonitorMode = "max"
     save_top_k: int = 1
     checkpoint_every_n_steps: int = 0
     output_dir: str = "runs"
@@ -167,7 +197,7 @@ class Config:
     """The whole run configuration. Defaults reproduce the reference (faithful) settings."""
 
     seed: int = 3407
-    stage: str = "diffusion"
+    stage: Stage = "diffusion"
     """What this run trains: ``anchor`` (the encoder alone, against ``optim.anchor_target``), ``he`` (the TS
     variant's HE network alone, against hr, on a frozen encoder) or ``diffusion`` (the noise predictor; the
     encoder too if ``optim.train_encoder``; the HE network stays frozen)."""
@@ -188,26 +218,6 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "diffusion.beta_schedule": ("cosine", "linear"),
-    "stage": ("anchor", "he", "diffusion"),
-    "sampler.sampler": ("ddpm", "ddim", "anchor"),
-    "val_sampler.sampler": ("ddpm", "ddim", "anchor"),
-    "optim.anchor_target": ("chroma", "hr"),
-    "optim.loss_type": ("dfpl", "l1", "l2"),
-    "optim.dfpl_image_loss": ("lpips_vgg", "lpips_alex", "l1", "l2"),
-    "optim.optimizer": ("lion", "adamw"),
-    "optim.scheduler": (None, "cosine", "plateau"),
-    "data.use_dataset": ("LOL", "LOLv2", "LOLv2_synthetic", "VELOL", "LOL+LOLv2", "LOL+LOLv2+VELOL", "folder"),
-    "trainer.monitor_mode": ("min", "max"),
-    "data.test_geometry": ("pad", "center_crop"),
-}
-
-
-ANCHOR_LOSSES = ("msssim", "l1", "l2", "lpips_alex", "lpips_vgg")
-SYNTH_KINDS = ("dark", "identity", "bright")
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -224,14 +234,17 @@ def _nearest(key: str, valid: typing.Iterable[str]) -> str:
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against a type hint, converting only lossless cases (int -> float, list -> tuple)."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(hint):
             try:
                 return _coerce(value, option, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{where}: {value!r} is not of type {_type_name(hint)}")
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r}")
     if hint is type(None):
         if value is None:
             return None
@@ -258,6 +271,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    """``int``, ``one of ['cosine', 'plateau'] or null``, ...: a type hint in the words of the messages."""
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
@@ -276,9 +296,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = _build(hint, value or {}, f"{where}.")
         else:
             kwargs[key] = _coerce(value, hint, where)
-            choices = CHOICES.get(where)
-            if choices is not None and kwargs[key] not in choices:
-                raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
     return cls(**kwargs)
 
 
@@ -304,16 +321,9 @@ def _check_consistency(config: Config) -> None:
     if not 0.0 <= config.optim.ref_prob <= 1.0:
         raise ConfigError("optim.ref_prob must be in [0, 1]")
     for key in ("anchor_loss", "he_loss"):
-        names, weights = getattr(config.optim, key), getattr(config.optim, f"{key}_weights")
-        if len(names) != len(weights):
+        if len(getattr(config.optim, key)) != len(getattr(config.optim, f"{key}_weights")):
             raise ConfigError(f"optim.{key}_weights needs one weight per optim.{key} entry")
-        for name in names:
-            if name not in ANCHOR_LOSSES:
-                raise ConfigError(f"optim.{key}: '{name}' is not one of {list(ANCHOR_LOSSES)}")
     _check_he_network(config)
-    for kind in config.data.synth_kinds:
-        if kind not in SYNTH_KINDS:
-            raise ConfigError(f"data.synth_kinds: '{kind}' is not one of {list(SYNTH_KINDS)}")
     if not 0.0 <= config.data.synth_prob <= 1.0:
         raise ConfigError("data.synth_prob must be in [0, 1]")
     if config.model.cond_dim not in (None, config.model.unet_dim) and config.model.stronger_cond:
@@ -345,11 +355,11 @@ def check_sampler(sampler: SamplerConfig, timesteps: int, prefix: str = "sampler
     """The one validation of sampler settings, for the ``sampler`` and ``val_sampler`` sections, the scripts'
     flags (``prefix="--"``) and :func:`models.samplers.make_sampler`: a ConfigError naming ``{prefix}{key}``.
 
-    The name must be one of ``CHOICES["sampler.sampler"]``; ``ddpm`` visits all ``timesteps``, ``ddim`` takes
+    The name must be one of :data:`SamplerName`; ``ddpm`` visits all ``timesteps``, ``ddim`` takes
     1 to ``timesteps`` steps (other samplers take no diffusion steps, so ``steps`` is not theirs to check);
     ``eta`` (DDIM's noise: 0 deterministic, 1 the DDPM posterior) is a finite number >= 0.
     """
-    valid = CHOICES["sampler.sampler"]
+    valid = typing.get_args(SamplerName)
     if sampler.sampler not in valid:
         raise ConfigError(f"{prefix}sampler: unknown sampler {sampler.sampler!r}; valid: {', '.join(valid)}")
     if sampler.sampler == "ddpm" and sampler.steps != timesteps:
