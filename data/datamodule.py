@@ -14,6 +14,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from data.datasets import DatasetError, PairedImageDataset, find_pairs_dirs
 from data.exposure import ExposureSynthesis
@@ -170,10 +171,28 @@ class LowLightDataModule(pl.LightningDataModule):
         self.setup("test")
         return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
-        """The test set (full images, with names) for writing enhanced images."""
-        self.setup("predict")
-        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
+    def on_exception(self, exception: BaseException) -> None:
+        """A stage of the trainer failed or was interrupted (GracefulStop's TrainingInterrupted, Ctrl-C, an error):
+        shut down the DataLoader workers of every loader the trainer holds, see :func:`shut_down_workers`.
+
+        Lightning's own clean-up after an exception only tears down the loop that was running: training interrupted
+        in ``on_validation_start`` (where it ends whenever there is a validation loop, since Lightning validates
+        once ``should_stop`` is set) left the training loader's persistent worker running. Nothing freed it before
+        the interpreter exited (the exception's traceback keeps the trainer alive), and at exit multiprocessing
+        terminate()s daemonic children with SIGTERM, which the workers ignore, then join()s them with no timeout:
+        the process printed "interrupted: ..." and never exited. (On a GPU, ``pin_memory`` makes torch register an
+        exit handler that shuts persistent workers down, which hid this; CPU runs have none.)
+
+        Done here, in the main process, rather than by letting workers obey some later SIGTERM: a worker cannot tell
+        the SIGTERM sent to the whole group (to be ignored) from the one multiprocessing sends at exit, and after
+        ``kill <main pid>`` the exit one is the first it gets; the main process knows when its workers are done."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return
+        for loaders in (trainer.train_dataloader, trainer.val_dataloaders, trainer.test_dataloaders,
+                        trainer.predict_dataloaders):
+            for loader in _flat_loaders(loaders):
+                shut_down_workers(loader)
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(
@@ -192,9 +211,41 @@ def leave_signals_to_main_process(worker_id: int) -> None:
     """DataLoader workers ignore SIGINT and SIGTERM: a signal sent to the whole process group (Ctrl-C in a
     terminal, Slurm or ``kill -- -PGID`` at the end of a job) reaches the main process, which finishes its step,
     saves ``last.ckpt`` and shuts the workers down; a killed worker would crash the step instead. Workers still
-    exit on their own when the main process dies."""
+    exit on their own when the main process dies. Ignoring SIGTERM also defeats multiprocessing's exit handler
+    (terminate(), then join() without a timeout, of every daemonic child still running): the main process must
+    shut its workers down itself before it exits, which Lightning does when a stage ends and
+    LowLightDataModule.on_exception does when one fails (see :func:`shut_down_workers`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def shut_down_workers(loader: DataLoader) -> None:
+    """Stop the worker processes of ``loader`` (persistent or not; nothing to do without workers), as Lightning
+    does when a loop ends: torch's own shutdown (a done event and a None per worker's queue: a worker exits once
+    it has finished the item it is reading; joined for up to 2 x 5 s), then SIGKILL for a worker still running,
+    since it ignores the SIGTERM torch sends last (:func:`leave_signals_to_main_process`). A worker left running
+    would hang the main process at exit; killing a worker loses nothing, it only reads training data. The next
+    iteration of ``loader`` starts new workers."""
+    iterator = getattr(loader, "_iterator", None)  # DataLoader keeps persistent workers' iterator there
+    if isinstance(iterator, _MultiProcessingDataLoaderIter):
+        workers = list(iterator._workers)
+        iterator._shutdown_workers()  # also stops torch's SIGCHLD check of these pids: a kill is no "crash"
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        loader._iterator = None
+
+
+def _flat_loaders(loaders: Any) -> list[DataLoader]:
+    """The DataLoaders in what a Trainer's ``*_dataloader(s)`` property holds (a loader, or lists / dicts of them)."""
+    if isinstance(loaders, DataLoader):
+        return [loaders]
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return [loader for item in loaders for loader in _flat_loaders(item)]
+    return []
 
 
 def _sub_seed(seed: int, index: int) -> int:
