@@ -29,7 +29,6 @@ from utils.training import (
     build_callbacks,
     build_trainer,
     keeps_best_checkpoint,
-    next_version,
 )
 
 RESUME_KEYS = {"model": None, "diffusion": None, "optim": ("optimizer", "train_encoder", "scheduler", "ema_decay")}
@@ -125,8 +124,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_resumable(ckpt_path, config)
     elif (missing := missing_earlier_stage(config)) is not None:
         raise ConfigError(missing)
-    if version is None:
-        version = next_version(output_dir / config.trainer.run_name)
     datamodule = datamodule_from_config(config.data, config.seed)
     datamodule.setup("fit")  # refuse missing or unpaired training data before anything is written
     module = AnlightenDiff(config)
@@ -137,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_output_dir(output_dir / config.trainer.run_name, "trainer.output_dir")
     logger = TensorBoardLogger(save_dir=str(output_dir), name=config.trainer.run_name, version=version,
                                default_hp_metric=False)
-    run_dir = Path(logger.log_dir)
+    run_dir = Path(logger.log_dir)  # a fresh run (version None): the logger's next unused version_N
     callbacks = build_callbacks(config, run_dir / "checkpoints", has_validation,
                                 run_dir=None if args.fast_dev_run else run_dir, resumed=ckpt_path is not None)
     try:

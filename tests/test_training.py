@@ -1,14 +1,18 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 import models.module
+import train
 from models import AnlightenDiff
 from models.losses import build_image_loss, dfpl_loss
 from models.module import check_monitor, logged_metrics, required_lpips_nets
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
+from tests.test_scripts import make_pairs
 from utils.config import ConfigError, config_from_dict
 from utils.lpips import LPIPSWeightsMissing
-from utils.training import build_strategy, has_unused_trained_parameters
+from utils.training import AtomicCheckpointIO, build_strategy, has_unused_trained_parameters
 
 
 def _fixed_step_losses(module: AnlightenDiff, batch: dict, steps: int) -> list[float]:
@@ -209,3 +213,22 @@ def test_the_lpips_networks_a_run_needs_are_checked_before_it_starts(overrides, 
             module.prepare_training(validation)
     else:
         module.prepare_training(validation)
+
+
+@pytest.mark.parametrize("max_steps, saved_at", [(3, [2, 3]), (4, [2, 4])])
+def test_last_ckpt_is_saved_every_period_and_at_the_final_step_once(tmp_path, monkeypatch, max_steps, saved_at):
+    """The ModelCheckpoint saves last.ckpt every trainer.checkpoint_every_n_steps; SaveFinalCheckpoint adds the final
+    step when it is not one of those, and does not write it twice when it is."""
+    steps, save = [], AtomicCheckpointIO.save_checkpoint
+
+    def recording(self, checkpoint, path, storage_options=None):
+        if Path(path).name == "last.ckpt":
+            steps.append(checkpoint["global_step"])
+        save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording)
+    data = make_pairs(tmp_path / "pairs", n=2, size=(40, 48))  # one step per epoch
+    assert train.main(["--cfg", str(ROOT / "cfg/train/tiny.yaml"), f"data.extra_train_folders=[{data}]",
+                       f"trainer.output_dir={tmp_path / 'runs'}", "trainer.max_epochs=100",
+                       f"trainer.max_steps={max_steps}", "trainer.checkpoint_every_n_steps=2", "--no-test"]) == 0
+    assert steps == saved_at

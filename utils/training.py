@@ -11,7 +11,6 @@ merged config is written once per (re)start, by global rank 0 only, never over a
 from __future__ import annotations
 
 import random
-import re
 import signal
 import sys
 import threading
@@ -31,12 +30,6 @@ from utils.config import Config, save_config
 from utils.image_io import atomic_write
 
 
-def next_version(run_root: Path) -> int:
-    """The first unused ``version_N`` under ``run_root``: every run gets a fresh folder."""
-    versions = [int(m.group(1)) for p in run_root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    return max(versions, default=-1) + 1
-
-
 class TrainingDiverged(FloatingPointError):
     """Training produced a non-finite loss or non-finite weights; the message names the step."""
 
@@ -45,7 +38,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` through :func:`utils.image_io.atomic_write` (temporary file in the same folder, fsync,
     rename): an interrupted or failed write (Ctrl-C, disk full) never leaves a truncated checkpoint and the
     previous file of that name stays intact. Weights that are not all finite are refused with TrainingDiverged,
-    so a diverged run never replaces its last good checkpoint."""
+    so a diverged run never replaces its last good checkpoint.
+
+    Lightning's own TorchCheckpointIO (2.6, ``lightning_fabric.utilities.cloud_io._atomic_save``) is not atomic on a
+    local disk: its fsspec transaction writes the bytes to a temporary file made by ``tempfile.mkstemp()`` in the
+    system's temporary folder and then ``shutil.move``s it, which is a rename only where that folder is on the
+    checkpoint's file system; elsewhere (a tmpfs /tmp, a scratch or network disk for the runs) it copies into the
+    checkpoint's own path, so an interruption leaves it truncated. Nothing is fsynced either, and it has no check
+    for non-finite weights."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -105,7 +105,7 @@ class GracefulStop(Callback):
             return
         path, ckpt = None, self.checkpoint
         if ckpt is not None and ckpt.dirpath and not trainer.fast_dev_run:
-            if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            if saves_last_at(trainer.global_step, self.every_n_steps):
                 path = last_checkpoint_path(ckpt)  # the ModelCheckpoint saves it right after this hook
             else:
                 path = save_last_checkpoint(trainer, ckpt)
@@ -216,15 +216,31 @@ class SaveRunConfig(Callback):
 
 class SaveFinalCheckpoint(Callback):
     """When training ends normally, ``last.ckpt`` holds the final weights, also when the last step is not one of
-    the periodic saves (``max_steps`` not a multiple of ``checkpoint_every_n_steps``, or mid-epoch)."""
+    the periodic saves (``max_steps`` not a multiple of ``checkpoint_every_n_steps``, or mid-epoch): Lightning's
+    ModelCheckpoint saves ``last.ckpt`` at the end of training only when it has saved nothing before.
 
-    def __init__(self, checkpoint: ModelCheckpoint):
-        self.checkpoint = checkpoint
+    ``every_n_steps``: the ModelCheckpoint's period (see :func:`saves_last_at`), whose saves are not repeated."""
+
+    def __init__(self, checkpoint: ModelCheckpoint, every_n_steps: int = 0):
+        self.checkpoint, self.every_n_steps = checkpoint, every_n_steps
+        self.saved_step = 0  # as Lightning's: a run that takes no step has nothing to save
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if saves_last_at(trainer.global_step, self.every_n_steps):
+            self.saved_step = trainer.global_step  # the ModelCheckpoint saves it right after this hook
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        ckpt = self.checkpoint
-        if not trainer.fast_dev_run and ckpt.dirpath and ckpt._last_global_step_saved != trainer.global_step:
-            save_last_checkpoint(trainer, ckpt)
+        if not trainer.fast_dev_run and self.checkpoint.dirpath and self.saved_step != trainer.global_step:
+            save_last_checkpoint(trainer, self.checkpoint)
+            self.saved_step = trainer.global_step
+
+
+def saves_last_at(step: int, every_n_steps: int) -> bool:
+    """Whether the ``last.ckpt`` ModelCheckpoint of :func:`build_callbacks` saves at the end of the training batch
+    that leaves the run at global step ``step``: every ``every_n_steps`` steps, never with 0 (it keeps no top-k
+    checkpoints, so it saves nothing at epoch ends or after validation)."""
+    return bool(every_n_steps) and step % every_n_steps == 0
 
 
 def last_checkpoint_path(ckpt: ModelCheckpoint) -> Path:
@@ -261,7 +277,8 @@ def build_callbacks(config: Config, checkpoint_dir: Path, has_validation: bool, 
     last = ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
                            every_n_train_steps=trainer.checkpoint_every_n_steps or None)
     callbacks: list[Callback] = [last, LearningRateMonitor(logging_interval="step"),
-                                 GracefulStop(last, trainer.checkpoint_every_n_steps), SaveFinalCheckpoint(last),
+                                 GracefulStop(last, trainer.checkpoint_every_n_steps),
+                                 SaveFinalCheckpoint(last, trainer.checkpoint_every_n_steps),
                                  ResumableRandomness(config.seed)]
     if keeps_best_checkpoint(config, has_validation):
         best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{step}", monitor=trainer.monitor,
