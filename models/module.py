@@ -172,7 +172,8 @@ class AnlightenDiff(pl.LightningModule):
 
     def he_output(self, img_lr: torch.Tensor) -> torch.Tensor:
         """The HE network's zeta (B, 3, H, W) in [0, 1] for (B, 3, H, W) images in [0, 1] that fit the networks
-        (multiples of their downscale): what stage ``he`` trains against hr."""
+        (sides multiples of 2 ** (len(model.dim_mults) - 1), as ``diffusion.pad_multiple`` is): what stage ``he``
+        trains against hr."""
         img_c, _ = self.encoder(img_lr)
         return self.he_network(equalized(img_lr), img_c)
 

@@ -74,11 +74,6 @@ class UNetBackbone(nn.Module):
         if weight_init:
             init_linear_weights(self)
 
-    @property
-    def downscale(self) -> int:
-        """Input sizes must be multiples of this."""
-        return 2 ** (len(self.downs) - 1)
-
     def run(
         self, x: torch.Tensor, time: torch.Tensor | None = None, features: Sequence[torch.Tensor] = ()
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:

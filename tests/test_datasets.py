@@ -388,7 +388,6 @@ def test_datamodule_extra_folders_val_and_test(roots, tmp_path):
     assert val_batch["low"].shape == (1, 3, 10, 14) and val_batch["name"] == ["v.png"]
     test_batches = list(dm.test_dataloader())
     assert [b["name"] for b in test_batches] == [["low00000.png"]]
-    assert [b["name"] for b in dm.predict_dataloader()] == [["low00000.png"]]
     assert test_batches[0]["low"].shape == (1, 3, H, W)
 
 
