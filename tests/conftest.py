@@ -35,6 +35,23 @@ def default_signals() -> None:
         signal.signal(signum, signal.SIG_DFL)
 
 
+def train_steps(module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, steps: int,
+                seed: int | None = None) -> list[float]:
+    """The losses of ``steps`` plain training steps of a LightningModule on one batch. With ``seed``, torch is
+    reseeded before each step, so every step redraws the same t, noise and teacher-forcing choice and the loss is a
+    function of the weights alone."""
+    losses = []
+    for _ in range(steps):
+        if seed is not None:
+            torch.manual_seed(seed)
+        loss = module.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture
 def tiny_config() -> Config:
     """A 3-level, width-8 model with 10 timesteps."""

@@ -13,7 +13,7 @@ from data.exposure import ExposureSynthesis
 from data.holdout import split_pairs
 from models import AnlightenDiff, CheckpointError
 from models.losses import AnchorLoss
-from tests.conftest import TINY
+from tests.conftest import TINY, train_steps
 from utils.cli import UserError
 from utils.config import ConfigError, config_from_dict
 
@@ -35,13 +35,7 @@ def test_anchor_stage_trains_the_encoder_alone_and_lowers_its_loss(images):
     assert trained == {id(p) for p in module.encoder.parameters()}
     unet_before = [p.detach().clone() for p in module.model.parameters()]
     batch = {"low": images[0], "high": images[1], "name": ["a", "b"]}
-    losses = []
-    for _ in range(15):
-        loss = module.training_step(batch, 0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(module, optimizer, batch, 15)
     assert losses[-1] < 0.93 * losses[0]
     center, _ = module.encoder(images[0])
     assert torch.nn.functional.l1_loss(center, images[1]).item() == pytest.approx(

@@ -8,26 +8,11 @@ import train
 from models import AnlightenDiff
 from models.losses import build_image_loss, dfpl_loss
 from models.module import check_monitor, logged_metrics, required_lpips_nets
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, train_steps
 from tests.test_scripts import make_pairs
 from utils.config import ConfigError, config_from_dict
 from utils.lpips import LPIPSWeightsMissing
 from utils.training import AtomicCheckpointIO, build_strategy, has_unused_trained_parameters
-
-
-def _fixed_step_losses(module: AnlightenDiff, batch: dict, steps: int) -> list[float]:
-    """Training steps that redraw the same t, noise and teacher-forcing choice each time, so the loss
-    is a function of the weights alone."""
-    optimizer = module.configure_optimizers()
-    losses = []
-    for _ in range(steps):
-        torch.manual_seed(0)
-        loss = module.training_step(batch, 0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
 
 
 def _batch(images):
@@ -39,7 +24,7 @@ def test_training_steps_lower_the_loss(tiny_config, images, monkeypatch):
     torch.manual_seed(0)
     module = AnlightenDiff(tiny_config)
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
-    losses = _fixed_step_losses(module, _batch(images), 15)
+    losses = train_steps(module, module.configure_optimizers(), _batch(images), 15, seed=0)
     assert losses[-1] < 0.9 * losses[0]
 
 
@@ -49,7 +34,7 @@ def test_dfpl_training_steps_lower_the_loss(tiny_config, images, monkeypatch):
     torch.manual_seed(0)
     module = AnlightenDiff(tiny_config)
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
-    losses = _fixed_step_losses(module, _batch(images), 15)
+    losses = train_steps(module, module.configure_optimizers(), _batch(images), 15, seed=0)
     assert losses[-1] < 0.9 * losses[0]
 
 

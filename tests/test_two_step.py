@@ -22,14 +22,13 @@ from models.anchor import HENetwork, anchor_from_features, condition_features, e
 from models.checkpoint import export_checkpoint
 from models.inference import encode
 from models.module import build_he_network, build_networks, missing_earlier_stage
-from tests.conftest import TINY
+from tests.conftest import TINY, train_steps
+from tests.test_checkpoint import SCALE, _official_layout
 from utils.cli import UserError
 from utils.config import Config, ConfigError, config_from_dict, load_config
 from utils.metrics import center_crop_boxes
 
 ROOT = Path(__file__).resolve().parents[1]
-TSV = Path(__file__).parent / "data" / "official_state_dict_keys.tsv"
-SCALE = 8  # the official widths (multiples of 64) divided by 8, as tests/test_checkpoint.py
 TS_MODEL = {"cond_on_res": False, "stronger_cond": False, "he_network": True}
 TS_TINY = {**TINY, "model": {**TINY["model"], **TS_MODEL}, "optim": {**TINY["optim"], "ref_prob": 0.0}}
 HE_STAGE = {**TS_TINY, "stage": "he", "init_from": "unused.ckpt",
@@ -207,13 +206,7 @@ def test_he_stage_trains_h_alone_and_lowers_its_loss(images):
     assert not any(p.requires_grad for p in [*module.encoder.parameters(), *module.model.parameters()])
     frozen = [p.detach().clone() for p in [*module.encoder.parameters(), *module.model.parameters()]]
     batch = {"low": images[0], "high": images[1], "name": ["a", "b"]}
-    losses = []
-    for _ in range(15):
-        loss = module.training_step(batch, 0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(module, optimizer, batch, 15)
     assert losses[-1] < 0.9 * losses[0]
     with torch.no_grad():
         zeta = module.he_output(images[0])
@@ -329,19 +322,10 @@ def test_the_three_stages_run_through_train_py(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- TS layout
-def _tsv_layout() -> dict[str, tuple[int, ...]]:
-    rows = TSV.read_text().splitlines()[1:]
-    layout = {}
-    for key, shape, _ in (row.split("\t") for row in rows):
-        dims = [int(x) for x in shape.strip("()").split(",") if x.strip()]
-        layout[key] = tuple(d // SCALE if d % 64 == 0 else d for d in dims)
-    return layout
-
-
 def _expected_ts_layout() -> dict[str, tuple[int, ...]]:
     """The TS checkpoint's entries derived from the FS key list by the spec's rules (section 6): the UNet loses
     downs.k.1.res_conv and downs.k.1.block1 takes d_out channels; E appears twice, H has the TS UNet's names."""
-    fs = _tsv_layout()
+    fs = _official_layout()
     unet = {}
     for key, shape in fs.items():
         if not key.startswith("model.unet."):
