@@ -34,7 +34,7 @@ from pytorch_lightning.callbacks import Callback
 
 import train
 from utils.cli import run_cli
-from utils.metrics import image_metrics, to_uint8
+from utils.metrics import score_pair
 
 LOG = Path({log!r})
 SIGTERM_RANK1_AT = {sigterm_rank1_at!r}  # optimizer steps done when rank 1 alone gets SIGTERM (None: never)
@@ -59,7 +59,7 @@ class Record(Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if not trainer.sanity_checking:
             result = pl_module.enhance(batch["low"], pl_module.config.val_sampler)
-            psnr = image_metrics(to_uint8(result.image[0]), to_uint8(batch["high"][0]))["psnr"]
+            psnr = score_pair(result.image[0], batch["high"][0])["psnr"]
             self._write(trainer, f"val {{batch['name'][0]}} {{psnr!r}}")
 
     def on_validation_end(self, trainer, pl_module):
