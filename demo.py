@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -16,9 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from models import AnlightenDiff, CheckpointError, load_for_inference
 from models.brightness import BRIGHTNESS_RANGE, check_target, match_brightness
+from models.inference import auto_tile, network_width, tile_boxes
 from utils.cli import UserError, add_inference_args, check_precision, resolve_device, run_cli, sampler_from_args
 from utils.config import FAST_SAMPLER, SamplerConfig
 from utils.image_io import ImageReadError, LoadedImage, list_images, read_image, save_png
@@ -28,9 +31,13 @@ try:
 except ImportError:  # the demo's packages are optional: say how to get them instead of a traceback
     raise SystemExit("error: the demo needs gradio: pip install -r requirements-demo.txt") from None
 
-DEFAULT_MAX_PIXELS = 1024 * 1024
+DEFAULT_MAX_PIXELS = 32 * 1024 * 1024
+"""Largest upload accepted by default: a 24-megapixel photo or an 8K frame. Memory stays bounded at any size
+(large images are tiled automatically); the cap bounds how long one request holds the queue."""
 IMAGE_HEIGHT = 280
 MAX_TILE_OVERLAP = 64
+PREVIEW_MAX_SIDE = 2048
+"""Longest side of the images shown on the page (the download is always full resolution)."""
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 EnhanceResult = tuple[tuple[np.ndarray, np.ndarray], np.ndarray, str]
 
@@ -44,8 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="address to listen on; 0.0.0.0 serves other machines too (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="largest image (width x height) enhanced in one piece; larger uploads are "
-                             f"refused unless tiling is on (default: {DEFAULT_MAX_PIXELS})")
+                        help="largest image (width x height) accepted, a cap on the time one request takes; "
+                             "images too large for one piece are tiled automatically, so memory stays bounded "
+                             f"(default: {DEFAULT_MAX_PIXELS:,})")
     parser.add_argument("--samples", type=Path, default=SAMPLES_DIR,
                         help="folder of sample images offered on the page (default: samples/ beside demo.py)")
     add_inference_args(parser, FAST_SAMPLER)
@@ -83,18 +91,17 @@ def upload_path(upload: dict[str, Any] | None) -> tuple[Path, str]:
     return path, upload.get("orig_name") or path.name
 
 
-def load_upload(path: Path, name: str, max_pixels: int, tiling: bool) -> LoadedImage:
-    """The uploaded image; a page error saying why if it is unreadable or too large for one piece."""
+def load_upload(path: Path, name: str, max_pixels: int) -> LoadedImage:
+    """The uploaded image; a page error saying why if it is unreadable or above the demo's size limit."""
     try:
         loaded = read_image(path)
     except (ImageReadError, FileNotFoundError) as err:
         reason = err.reason if isinstance(err, ImageReadError) else "the upload did not arrive"
         raise refusal(f"Cannot read {name}: {reason}.") from None
     height, width = loaded.rgb.shape[:2]
-    if height * width > max_pixels and not tiling:
+    if height * width > max_pixels:
         raise refusal(f"{name} is {width}x{height} = {height * width:,} pixels, more than this demo's limit "
-                      f"of {max_pixels:,} in one piece. Set a tile size to enhance it in tiles, or upload a "
-                      "smaller image.")
+                      f"of {max_pixels:,}. Upload a smaller image.")
     return loaded
 
 
@@ -108,12 +115,44 @@ def to_array(img: torch.Tensor) -> np.ndarray:
     return img[0].permute(1, 2, 0).float().cpu().numpy()
 
 
-def tile_options(tile: int, pad_multiple: int) -> dict[str, int]:
-    """Keyword arguments of tiled enhancement (overlap: a quarter of the tile, at most 64 px), none for 0; a
-    page error for a size the model cannot tile with."""
+def preview(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` (HxWx3 in [0, 1]) as shown on the page: itself, or shrunk to a longest side of
+    PREVIEW_MAX_SIDE (a 24-megapixel PNG would be slow to encode and to send)."""
+    height, width = rgb.shape[:2]
+    scale = PREVIEW_MAX_SIDE / max(height, width)
+    if scale >= 1:
+        return rgb
+    small = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    return np.asarray(small.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                                   Image.Resampling.LANCZOS))
+
+
+def check_tile(tile: int, pad_multiple: int) -> int:
+    """The tile field's value (0: automatic); a page error for a size the model cannot tile with."""
     if tile < 0 or tile % pad_multiple:
-        raise refusal(f"The tile size must be a multiple of {pad_multiple} (or 0 for no tiling), got {tile}.")
+        raise refusal(f"The tile size must be a multiple of {pad_multiple} (or 0 for automatic), got {tile}.")
+    return tile
+
+
+def tile_options(tile: int, model: AnlightenDiff, height: int, width: int) -> dict[str, int]:
+    """Keyword arguments of tiled enhancement for a ``height`` x ``width`` image (overlap: a quarter of the
+    tile, at most 64 px): tiles of ``tile`` px, or for 0 those of :func:`models.inference.auto_tile`, which
+    leaves images that fit in one piece untiled (no arguments)."""
+    if tile == 0:
+        tile = auto_tile(height, width, model_width=network_width(model.config.model),
+                         pad_multiple=model.config.diffusion.pad_multiple) or 0
     return {"tile": tile, "tile_overlap": min(MAX_TILE_OVERLAP, tile // 4)} if tile else {}
+
+
+def progress_callback(progress: Callable[..., Any], tiling: dict[str, int], size: tuple[int, int],
+                      pad_multiple: int) -> Callable[[int, int], None]:
+    """The enhancement callback (steps done of all steps) that moves the page's progress bar, labelled with
+    the tile being enhanced when tiled."""
+    if not tiling:
+        return lambda i, n: progress((i, n), desc="sampling")
+    padded = [math.ceil(side / pad_multiple) * pad_multiple for side in size]
+    count = len(tile_boxes(*padded, tiling["tile"], tiling["tile_overlap"]))
+    return lambda i, n: progress((i, n), desc=f"tile {(max(i, 1) - 1) * count // n + 1} of {count}")
 
 
 def brightness_target(value: float | None) -> float | None:
@@ -142,20 +181,24 @@ def make_enhance_fn(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: i
                        brightness: float | None = 0, progress: gr.Progress = gr.Progress()  # noqa: B008
                        ) -> EnhanceResult:
         path, name = upload_path(upload)
-        tiling = tile_options(int(tile or 0), pad_multiple)
+        tile_size = check_tile(int(tile or 0), pad_multiple)
         luminance = brightness_target(brightness)
-        loaded = load_upload(path, name, max_pixels, tiling=bool(tiling))
+        loaded = load_upload(path, name, max_pixels)
         try:
             config = checked_sampler(defaults, sampler, int(steps), timesteps)
         except UserError as err:
             raise refusal(str(err)) from None
+        tiling = tile_options(tile_size, model, *loaded.rgb.shape[:2])
         progress(0, desc="sampling")
         result = model.enhance(to_tensor(loaded.rgb, model.device), config, precision=precision,
-                               callback=lambda i, n: progress((i, n), desc="sampling"), **tiling)
-        image, anchor = (to_array(match_brightness(t, luminance)) for t in (result.image, result.anchor))
+                               callback=progress_callback(progress, tiling, loaded.rgb.shape[:2], pad_multiple),
+                               **tiling)
+        image = to_array(match_brightness(result.image, luminance))
+        anchor = preview(to_array(match_brightness(result.anchor, luminance)))
+        del result
         target = Path(tempfile.mkdtemp(dir=outputs.name)) / f"{Path(name).stem}_enhanced.png"
         save_png(target, image, loaded.alpha)
-        return (loaded.rgb, image), anchor, str(target)
+        return (preview(loaded.rgb), preview(image)), anchor, str(target)
 
     return enhance_upload
 
@@ -186,9 +229,10 @@ def build_app(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: int = D
                 steps = gr.Slider(1, timesteps, value=defaults.steps, step=1, label="Sampling steps",
                                   interactive=defaults.sampler == "ddim")
                 tile = gr.Number(0, precision=0, minimum=0, step=pad_multiple,
-                                 label="Tile size (pixels, 0 = off)",
-                                 info=f"A multiple of {pad_multiple}: enhance in overlapping tiles of this "
-                                      f"size (needed above {max_pixels:,} pixels)")
+                                 label="Tile size (pixels, 0 = automatic)",
+                                 info=f"A multiple of {pad_multiple}: enhance in overlapping tiles of this size. "
+                                      "Automatic tiles only images too large for one piece (bounded memory); "
+                                      f"the limit is {max_pixels:,} pixels")
                 brightness = gr.Slider(0, BRIGHTNESS_RANGE[1], value=0, step=0.05, elem_id="brightness",
                                        label="Brightness (0 = automatic)",
                                        info="Mean luminance of the result, from 0.05 (dark) to 0.95 (bright); "

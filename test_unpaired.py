@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models import CheckpointError, load_for_inference
+from models import AnlightenDiff, CheckpointError, load_for_inference
 from models.brightness import BRIGHTNESS_RANGE, check_target, match_brightness
+from models.inference import auto_tile, network_width, tile_boxes
 from utils.cli import (
     UserError,
     add_inference_args,
@@ -35,9 +37,6 @@ from utils.image_io import (
     save_png,
 )
 
-DEFAULT_MAX_PIXELS = 4096 * 1024
-"""Largest image (width x height) enhanced in one piece by default: its activations alone take several GB."""
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -50,13 +49,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--grid", metavar="FILE.png",
                         help="also write a side-by-side grid PNG, one row per image: input | anchor | output")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                        help="refuse (before anything runs) images of more than N pixels, which need too much memory "
-                             f"in one piece, unless tiling (--tile) is on (default: {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--max-pixels", type=int, metavar="N",
+                        help="refuse (before anything runs) images of more than N pixels (default: no limit; large "
+                             "photos are tiled automatically, see --tile)")
     add_inference_args(parser, FAST_SAMPLER)
-    parser.add_argument("--tile", type=int, metavar="SIZE",
-                        help="enhance in overlapping SIZE x SIZE tiles with blended seams (bounded memory for large "
-                             "photos; SIZE a multiple of the model's padding, e.g. 768)")
+    parser.add_argument("--tile", default="auto", metavar="SIZE",
+                        help="auto (default): images too large for about 1.25 GiB of network memory are enhanced in "
+                             "overlapping tiles sized to fit, with blended seams and the whole image's histogram "
+                             "equalisation; SIZE: tiles of SIZE x SIZE (a multiple of the model's padding, e.g. "
+                             "768); off: always in one piece")
     parser.add_argument("--tile-overlap", type=int, default=64, metavar="PX",
                         help="overlap between neighbouring tiles in pixels (default 64)")
     low, high = BRIGHTNESS_RANGE
@@ -79,6 +80,17 @@ def parse_brightness(text: str) -> float | None:
                         f"0 black to 1 white), got {text!r}") from None
 
 
+def parse_tile(text: str) -> int | str | None:
+    """``--tile``: "auto", None for "off" (or 0), else the tile size; a UserError for anything else."""
+    text = text.strip().lower()
+    if text in ("auto", "off", "0"):
+        return None if text != "auto" else "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--tile must be auto, off or a tile size in pixels, got {text!r}") from None
+
+
 def check_sizes(files: Sequence[Path], max_pixels: int) -> None:
     """Refuse images of more than ``max_pixels`` pixels, read off their headers (unreadable files are left to
     read_image, which reports them)."""
@@ -94,15 +106,16 @@ def check_sizes(files: Sequence[Path], max_pixels: int) -> None:
         if width * height > max_pixels:
             too_big.append(f"{file} ({width}x{height} = {width * height:,} pixels)")
     if too_big:
-        raise UserError(f"{len(too_big)} image(s) larger than --max-pixels {max_pixels:,}, too big to enhance in one "
-                        f"piece (e.g. {too_big[0]}); pass --tile SIZE to enhance them in tiles, or raise "
-                        "--max-pixels if this machine has the memory")
+        raise UserError(f"{len(too_big)} image(s) larger than --max-pixels {max_pixels:,}, the limit given (e.g. "
+                        f"{too_big[0]}); raise --max-pixels or leave it out: large images are tiled automatically")
 
 
-def check_tiling(tile: int | None, overlap: int, pad_multiple: int) -> None:
+def check_tiling(tile: int | str | None, overlap: int, pad_multiple: int) -> None:
     """Refuse a --tile the model cannot tile with (a positive multiple of its padding) or an overlap outside
-    [0, tile)."""
-    if tile is None:
+    [0, tile) (with automatic tiles, a negative overlap)."""
+    if tile == "auto" and overlap < 0:
+        raise UserError(f"--tile-overlap must be >= 0, got {overlap}")
+    if tile is None or tile == "auto":
         return
     if tile < pad_multiple or tile % pad_multiple:
         raise UserError(f"--tile must be a positive multiple of {pad_multiple} (the model's padding), got {tile}")
@@ -124,6 +137,31 @@ def output_paths(inputs: Sequence[str], files: Sequence[Path], output: Path) -> 
     return mapping
 
 
+def tiling_for(args: argparse.Namespace, model: AnlightenDiff, height: int, width: int) -> tuple[int | None, int]:
+    """(tile size or None, overlap) for a ``height`` x ``width`` image: --tile's, or with ``auto``
+    :func:`models.inference.auto_tile`'s choice (the overlap at most a quarter of the tile)."""
+    if args.tile != "auto":
+        return args.tile, args.tile_overlap
+    config = model.config
+    tile = auto_tile(height, width, model_width=network_width(config.model),
+                     pad_multiple=config.diffusion.pad_multiple)
+    return tile, min(args.tile_overlap, (tile or 0) // 4)
+
+
+def tile_progress(height: int, width: int, pad_multiple: int, tile: int, overlap: int, name: str
+                  ) -> tuple[tqdm, Callable[[int, int], None]]:
+    """A progress bar counting the tiles of a ``height`` x ``width`` image and the enhancement callback (steps
+    done of all tiles' steps) that advances it."""
+    padded = (math.ceil(n / pad_multiple) * pad_multiple for n in (height, width))
+    count = len(tile_boxes(*padded, tile, overlap))
+    bar = tqdm(total=count, desc=f"{name}: tiles", unit="tile", leave=False)
+
+    def advance(done: int, total: int) -> None:
+        bar.update(done * count // total - bar.n)
+
+    return bar, advance
+
+
 def to_array(img: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) tensor -> HxWx3 float32 array clipped to [0, 1]."""
     return np.clip(img[0].permute(1, 2, 0).float().cpu().numpy(), 0, 1)
@@ -132,13 +170,14 @@ def to_array(img: torch.Tensor) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     brightness = parse_brightness(args.brightness)
+    args.tile = parse_tile(args.tile)
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a folder")
     files = list_images(args.input)
     if not files:
         raise UserError(f"no images found in {' '.join(args.input)}")
-    if not args.tile:
+    if args.max_pixels is not None:
         check_sizes(files, args.max_pixels)
     targets = output_paths(args.input, files, output)
     existing = [str(t) for t in targets.values() if t.exists()]
@@ -162,8 +201,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures += 1
             continue
         img = torch.from_numpy(loaded.rgb).permute(2, 0, 1)[None].to(device)
-        result = model.enhance(img, sampler, precision=precision, tile=args.tile, tile_overlap=args.tile_overlap)
-        enhanced, anchor = (to_array(match_brightness(t, brightness)) for t in (result.image, result.anchor))
+        tile, overlap = tiling_for(args, model, *img.shape[-2:])
+        bar, progress = (None, None) if tile is None else tile_progress(
+            *img.shape[-2:], model.config.diffusion.pad_multiple, tile, overlap, file.name)
+        result = model.enhance(img, sampler, precision=precision, tile=tile, tile_overlap=overlap, callback=progress)
+        if bar is not None:
+            bar.close()
+        enhanced = to_array(match_brightness(result.image, brightness))
+        anchor = to_array(match_brightness(result.anchor, brightness)) if args.grid else None
+        del img, result  # a large photo's buffers, before the PNG encoder needs memory
         save_png(targets[file], enhanced, loaded.alpha, overwrite=args.overwrite)
         if args.grid:
             grid_rows.append([loaded.rgb, anchor, enhanced])

@@ -10,6 +10,12 @@ sampling step (UNet + sampler update) and the peak memory; then seconds per imag
 with the speed-up measured in the same run. With --ckpt and --pairs DIR (low/ and high/) it also prints
 PSNR/SSIM/LPIPS per sampler and their difference to DDPM-T. --tile SIZE measures a 3840x2160 image
 enhanced on tiles. The last line is always ``speedup <x>``: DDPM-T time / default fast time.
+
+    python bench/speed.py --large 4000x3000,6000x4000 [--ckpt PATH] [--threads N]
+
+measures only large photos instead, as test_unpaired.py enhances them by default (the default fast sampler
+and setting, automatic tiling): tiles, seconds, seconds per megapixel and the process's peak memory for each
+size; its last line is ``s/Mpix <x>`` of the last size.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ from data.datasets import DatasetError, DatasetNotFoundError, pair_files
 from models import CheckpointError, build_networks, load_checkpoint
 from models.anchor import condition_features
 from models.inference import (
+    auto_tile,
     bf16_supported,
     encode,
     enhance,
+    network_width,
     pad_to_multiple,
     prepare_for_inference,
     release_memory,
@@ -364,6 +372,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tile", type=int, metavar="SIZE", help="also enhance a --tile-image on SIZE tiles")
     parser.add_argument("--tile-image", default="3840x2160", help="image size for --tile (default 3840x2160)")
     parser.add_argument("--tile-overlap", type=int, default=64, help="tile overlap in px (default 64)")
+    parser.add_argument("--large", metavar="WxH[,WxH]",
+                        help="only measure these large image sizes, automatically tiled as test_unpaired.py does "
+                             "(seconds per megapixel and peak memory), e.g. 4000x3000,6000x4000")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     parser.add_argument("--bf16", action="store_true", help="time bf16 even where it is not native")
@@ -433,6 +444,37 @@ def tile_lines(networks: nn.ModuleDict, args: argparse.Namespace, pad_multiple: 
             f"{peak_memory(device) / GIB:.2f} GiB"]
 
 
+def large_lines(networks: nn.ModuleDict, config: Config, sizes: list[tuple[int, int]], fast_steps: int,
+                device: torch.device) -> tuple[list[str], float]:
+    """Each (height, width) enhanced as test_unpaired.py does by default (automatic tiling, 64 px overlap at
+    most a quarter of the tile): one line each, and the last size's seconds per megapixel."""
+    pad_multiple, lines, per_mpix = config.diffusion.pad_multiple, [], float("nan")
+    for height, width in sizes:
+        img = test_image(height, width, device)
+        tile = auto_tile(height, width, model_width=network_width(config.model), pad_multiple=pad_multiple)
+        overlap = min(64, (tile or 0) // 4)
+        if tile is None:
+            how = "in one piece"
+        else:
+            padded = [-(-side // pad_multiple) * pad_multiple for side in (height, width)]
+            count = len(tile_boxes(*padded, tile, overlap))
+            how = f"{count} tiles of {tile} px (overlap {overlap})"
+        apply_allocator(DEFAULT, device)
+        reset_peak_memory(device)
+        cpu_start = time.process_time()
+        _, seconds = time_enhance(networks, DEFAULT, img, pad_multiple, "ddim", fast_steps, tile=tile,
+                                  tile_overlap=overlap)
+        cpu = time.process_time() - cpu_start
+        mpix = height * width / 1e6
+        per_mpix = seconds / mpix
+        lines.append(f"large {width}x{height} ({mpix:.1f} Mpix), {how}, ddim-{fast_steps}: {seconds:.1f} s = "
+                     f"{per_mpix:.2f} s/Mpix ({cpu / mpix:.2f} CPU-s/Mpix), process peak memory "
+                     f"{peak_memory(device) / GIB:.2f} GiB")
+        print(lines[-1], flush=True)
+        del img
+    return lines, per_mpix
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     wall_start, cpu_start = time.perf_counter(), time.process_time()
     args = parse_args(argv)
@@ -440,9 +482,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     height, width = parse_size(args.size)
+    large = [parse_size(text) for text in args.large.split(",")] if args.large else []
     if args.pairs and not args.ckpt:
         raise UserError("--pairs needs --ckpt: quality of random weights means nothing")
     networks, config = build(args, device)
+    if large:
+        print("\n".join(header(networks, device, large[0], config)), flush=True)
+        default = prepared_copy(networks, DEFAULT, device)
+        del networks
+        _, per_mpix = large_lines(default, config, large, min(args.fast_steps, config.diffusion.timesteps), device)
+        print(cpu_share_line(wall_start, cpu_start))
+        print(f"s/Mpix {per_mpix:.2f}")
+        return 0
     timesteps, pad_multiple = config.diffusion.timesteps, config.diffusion.pad_multiple
     fast_steps = min(args.fast_steps, timesteps)
     step_counts = sorted({s for s in parse_steps(args.steps) if 1 <= s <= timesteps} | {fast_steps})

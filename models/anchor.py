@@ -24,6 +24,40 @@ def equalized(img: torch.Tensor) -> torch.Tensor:
     return equalize(as_uint8).to(img.dtype) / 255.0
 
 
+def equalization_luts(img: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+    """The lookup tables of :func:`equalized` for ``img`` (B, C, H, W) in [0, 1]: (B, C, 256) uint8, computed
+    as torchvision's ``equalize`` computes them (its histogram, step and rounding), one channel at a time.
+    ``more``: further pixels (B, C, h, w) of the same images, counted in the histogram as if they were part
+    of ``img`` (the padding of an image that is never padded as a whole).
+
+    ``apply_luts(crop, equalization_luts(img))`` equals the crop of ``equalized(img)`` exactly, so tiles of a
+    large image get the whole image's equalisation without the whole image's features in memory.
+    """
+    luts = torch.empty(*img.shape[:2], 256, dtype=torch.uint8, device=img.device)
+    identity = torch.arange(256, device=img.device)
+    for b in range(img.shape[0]):
+        for c in range(img.shape[1]):
+            hist = sum(torch.bincount((part[b, c] * 255).to(torch.uint8).reshape(-1).long(), minlength=256)
+                       for part in (img, *more))
+            step = torch.div(hist[hist != 0][:-1].sum(), 255, rounding_mode="floor")
+            if step == 0:
+                luts[b, c] = identity
+                continue
+            lut = torch.div(torch.cumsum(hist, 0) + torch.div(step, 2, rounding_mode="floor"), step,
+                            rounding_mode="floor")
+            luts[b, c] = torch.nn.functional.pad(lut, [1, 0])[:-1].clamp(0, 255)
+    return luts
+
+
+def apply_luts(img: torch.Tensor, luts: torch.Tensor) -> torch.Tensor:
+    """:func:`equalized` with the tables of :func:`equalization_luts` (of this image or of a larger one it
+    is cropped from). (B, C, H, W) in [0, 1] -> same shape."""
+    index = (img * 255).to(torch.uint8).long()
+    out = torch.stack([torch.stack([lut[chan] for lut, chan in zip(image_luts, image, strict=True)])
+                       for image_luts, image in zip(luts, index, strict=True)])
+    return out.to(img.dtype) / 255.0
+
+
 def color_map(img: torch.Tensor) -> torch.Tensor:
     """Chromaticity: img / (mean over channels + 1e-8) / 3, clamped to [0, 1]. (B, 3, H, W)."""
     return (img / (img.mean(dim=1, keepdim=True) + 1e-8) / 3).clamp(0, 1)
@@ -35,11 +69,16 @@ def grad_map(img: torch.Tensor) -> torch.Tensor:
     return torch.maximum(dy.abs(), dx.abs())
 
 
-def condition_features(img_lr: torch.Tensor) -> torch.Tensor:
+def condition_features(img_lr: torch.Tensor, luts: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 3, H, W) low-light image in [0, 1] -> (B, 12, H, W):
-    [image, equalised image, colour map, gradient of the colour map]."""
+    [image, equalised image, colour map, gradient of the colour map].
+
+    ``luts``: equalise with these tables (:func:`equalization_luts` of the whole image when ``img_lr`` is a
+    tile of it) instead of the image's own histogram.
+    """
     colors = color_map(img_lr)
-    return torch.cat((img_lr, equalized(img_lr), colors, grad_map(colors)), dim=1)
+    equalised = equalized(img_lr) if luts is None else apply_luts(img_lr, luts)
+    return torch.cat((img_lr, equalised, colors, grad_map(colors)), dim=1)
 
 
 class AnchorEncoder(UNetBackbone):

@@ -11,10 +11,13 @@ Speed (each switchable, measured by ``bench/speed.py``):
 
 Large images: ``enhance(..., tile=SIZE)`` runs the whole per-tile pipeline (anchor encoder and every
 sampling step) on overlapping tiles and blends the final images and anchors with raised-cosine weights, so
-memory is bounded by the tile size. What keeps tiled close to untiled:
+the networks' memory is bounded by the tile size; :func:`auto_tile` chooses whether and how to tile from a
+measured memory model (what test_unpaired.py and the demo do by default). What keeps tiled close to untiled:
 
-* the 12 condition features (histogram equalisation is image-global) are computed once on the whole padded
-  image and cropped, so every tile sees exactly the untiled network inputs;
+* every tile gets exactly the untiled network inputs: the 12 condition features of its crop of the padded
+  image, equalised with the histogram of the *whole* padded image (:func:`models.anchor.equalization_luts`,
+  image-global as untiled) and with the gradient taken across the tile's border (:func:`tile_features`),
+  so the whole image's features (48 bytes a pixel) are never held at once;
 * stochastic samplers draw, at every step, the noise the untiled run would draw for the whole padded image
   and use the tile's crop of it (each tile restarts from the same generator state), so overlapping tiles
   agree on the noise at every pixel and blending does not average independent noise;
@@ -39,11 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from models.anchor import AnchorEncoder, HENetwork, anchor_from_features, condition_features
+from models.anchor import AnchorEncoder, HENetwork, anchor_from_features, condition_features, equalization_luts
 from models.diffusion import GaussianDiffusion
 from models.samplers import DDIMSampler, DDPMSampler, make_sampler, noise_like
 from models.unet import UNetBackbone
-from utils.config import PRECISIONS
+from utils.config import PRECISIONS, ModelConfig
 
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 """Standard-normal noise shaped like its argument, for one stochastic sampler step."""
@@ -299,6 +302,90 @@ def _crop(tensor: torch.Tensor, box: Box) -> torch.Tensor:
     return tensor[..., top: top + h, left: left + w]
 
 
+def padding_index(length: int, padded: int) -> torch.Tensor:
+    """(padded,) indices into a side of ``length`` pixels that :func:`pad_to_multiple` reads for each pixel
+    of the padded side: itself, then the reflection (``length - 2 - k`` for the k-th padded pixel)."""
+    index = torch.arange(padded)
+    return torch.where(index < length, index, 2 * (length - 1) - index)
+
+
+class PaddedImage:
+    """An image seen as :func:`pad_to_multiple` pads it, without the padded copy: its tiles and the pixels of
+    its padding are gathered from the original on demand (at 24 megapixels the copy would take 290 MB)."""
+
+    def __init__(self, img: torch.Tensor, multiple: int):
+        self.img = img
+        height, width = img.shape[-2:]
+        self.height, self.width = (math.ceil(n / multiple) * multiple for n in (height, width))
+        reflect = self.height - height < height and self.width - width < width  # as pad_to_multiple
+        self.rows = padding_index(height, self.height) if reflect else torch.arange(self.height).clamp(max=height - 1)
+        self.cols = padding_index(width, self.width) if reflect else torch.arange(self.width).clamp(max=width - 1)
+        self.rows, self.cols = self.rows.to(img.device), self.cols.to(img.device)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.img.shape[:-2], self.height, self.width))
+
+    def crop(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        """The padded image's pixels [top, top + height) x [left, left + width) (a copy), within its size."""
+        rows, cols = self.rows[top: top + height], self.cols[left: left + width]
+        return self.img.index_select(-2, rows).index_select(-1, cols)
+
+    def padding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padding's pixels: the rows below the image (full padded width) and the columns right of it."""
+        height, width = self.img.shape[-2:]
+        return self.crop(height, 0, self.height - height, self.width), self.crop(0, width, height, self.width - width)
+
+    def luts(self) -> torch.Tensor:
+        """:func:`models.anchor.equalization_luts` of the padded image."""
+        return equalization_luts(self.img, *self.padding())
+
+
+def tile_features(img: torch.Tensor | PaddedImage, box: Box, luts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the pixels of ``box`` of ``img``, their condition features), the features equal to the crop of
+    ``condition_features(img)`` (for a PaddedImage, of the padded image): equalised with ``luts``
+    (:func:`models.anchor.equalization_luts` of the whole image), and computed on the box grown by one row and
+    column (where ``img`` has them) so that the forward-difference gradient at the box's bottom and right
+    edges sees the pixels beyond."""
+    top, left, h, w = box
+    if isinstance(img, PaddedImage):
+        grown = img.crop(top, left, h + 1, w + 1)
+    else:
+        grown = img[..., top: top + h + 1, left: left + w + 1]
+    return grown[..., :h, :w], condition_features(grown, luts)[..., :h, :w]
+
+
+NETWORK_BYTES_PER_PIXEL = (450, 40)
+"""Peak memory of one enhancement per (padded) pixel, ``a + b * width`` bytes for networks of base width
+``width`` (model.unet_dim): measured peak RSS above the loaded model on CPU (fp32, any sampler and step
+count), 0.84-0.99 GiB per megapixel at width 16 (the bundled checkpoint), 1.39 at 32 and 2.56-2.60 at 64 (the
+paper's model), rounded up (1.02, 1.61 and 2.80 GiB). Tiles are sized on it."""
+AUTO_TILE_MEMORY = 5 * 2**28
+"""Memory (bytes) that :func:`auto_tile` lets the networks use for one piece: 1.25 GiB, so that with the
+interpreter, torch and the model (1.0-1.3 GiB) and the image-sized buffers of a 24-megapixel photo (the
+decoded photo and :func:`enhance`'s sums, about 1 GiB) a CPU run stays under 4 GiB."""
+
+
+def network_width(model_config: ModelConfig) -> int:
+    """The base width that memory scales with: the wider of the noise predictor and the anchor encoder."""
+    return max(model_config.unet_dim, model_config.cond_dim or model_config.unet_dim)
+
+
+def auto_tile(height: int, width: int, *, model_width: int, pad_multiple: int,
+              memory: float | None = None) -> int | None:
+    """None when a ``height`` x ``width`` image (padded to ``pad_multiple``) fits in ``memory`` bytes
+    (default :data:`AUTO_TILE_MEMORY`) in one piece (:data:`NETWORK_BYTES_PER_PIXEL` for networks of base width
+    ``model_width``), else the tile size: the largest square multiple of ``pad_multiple`` that fits (at least
+    ``pad_multiple``). The bundled checkpoint (width 16) enhances up to 1.23 megapixels in one piece and
+    larger images on 1088 px tiles; the paper's model (width 64) up to 0.45 megapixels, on 640 px tiles."""
+    per_pixel = NETWORK_BYTES_PER_PIXEL[0] + NETWORK_BYTES_PER_PIXEL[1] * model_width
+    budget = int((AUTO_TILE_MEMORY if memory is None else memory) // per_pixel)
+    padded = math.ceil(height / pad_multiple) * pad_multiple * math.ceil(width / pad_multiple) * pad_multiple
+    if padded <= budget:
+        return None
+    return max(pad_multiple, math.isqrt(budget) // pad_multiple * pad_multiple)
+
+
 def _cropped_noise(generator: torch.Generator, shape: torch.Size, box: Box) -> NoiseFn:
     """Noise of a tile: each call draws the whole-image noise of ``shape`` that an untiled run would draw
     at that step and returns the tile's crop."""
@@ -344,31 +431,42 @@ def _enhance_full(anchor_networks: AnchorNetworks, diffusion: GaussianDiffusion,
 
 
 def _enhance_tiled(anchor_networks: AnchorNetworks, diffusion: GaussianDiffusion,
-                   sampler: DDPMSampler | DDIMSampler | None, img: torch.Tensor, features: torch.Tensor, *,
+                   sampler: DDPMSampler | DDIMSampler | None, img: PaddedImage, *,
                    tile: int, overlap: int, precision: str, generator: torch.Generator | None,
                    callback: Callable[[int, int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_enhance_full` per tile, blended; ``generator`` ends where one untiled run would leave it."""
-    height, width = img.shape[-2:]
-    boxes = tile_boxes(height, width, tile, overlap)
-    noise_device = generator.device if generator is not None else img.device
+    """:func:`_enhance_full` per tile of the padded image on its :func:`tile_features`, blended into image and
+    anchor sums of the *unpadded* size (in place: the sums become the results); ``generator`` ends where one
+    untiled run would leave it."""
+    height, width = img.img.shape[-2:]
+    boxes = tile_boxes(img.height, img.width, tile, overlap)
+    luts = img.luts()
+    noise_device = generator.device if generator is not None else img.img.device
     state = _tile_generator_state(generator, noise_device)
-    image_sum, anchor_sum = torch.zeros_like(img), torch.zeros_like(img)
-    weight_sum = img.new_zeros(1, 1, height, width)
+    image_sum, anchor_sum = torch.zeros_like(img.img), torch.zeros_like(img.img)
+    weight_sum = img.img.new_zeros(1, 1, height, width)
     steps = len(sampler.timesteps) if sampler is not None else 1
     tile_generator = torch.Generator(device=noise_device)
     for index, box in enumerate(boxes):
         tile_generator.set_state(state)
         progress = None if callback is None else _offset_callback(callback, index * steps, len(boxes) * steps)
-        image, anchor = _enhance_full(anchor_networks, diffusion, sampler, _crop(img, box), _crop(features, box),
-                                      precision=precision, generator=None, callback=progress,
+        pixels, features = tile_features(img, box, luts)
+        image, anchor = _enhance_full(anchor_networks, diffusion, sampler, pixels, features, precision=precision,
+                                      generator=None, callback=progress,
                                       noise_fn=_cropped_noise(tile_generator, img.shape, box))
-        weight = blend_weights(box, height, width, overlap).to(img.device)
-        _crop(image_sum, box).add_(image * weight)
-        _crop(anchor_sum, box).add_(anchor * weight)
-        _crop(weight_sum, box).add_(weight)
+        del pixels, features
+        weight = blend_weights(box, img.height, img.width, overlap).to(image.device)
+        top, left, h, w = box
+        inside = (top, left, min(h, height - top), min(w, width - left))  # the part within the unpadded image
+        if inside[2] > 0 and inside[3] > 0:
+            inner = (0, 0, *inside[2:])
+            weight = _crop(weight, inner)
+            _crop(image_sum, inside).add_(_crop(image, inner) * weight)
+            _crop(anchor_sum, inside).add_(_crop(anchor, inner) * weight)
+            _crop(weight_sum, inside).add_(weight)
+        del image, anchor  # the next tile's networks reuse this memory
     if generator is not None:
         generator.set_state(tile_generator.get_state())
-    return image_sum / weight_sum, anchor_sum / weight_sum
+    return image_sum.div_(weight_sum), anchor_sum.div_(weight_sum)
 
 
 def _offset_callback(callback: Callable[[int, int], None], done: int, total: int
@@ -400,22 +498,26 @@ def enhance(
 
     ``precision``: fp32 | bf16 | fp16 autocast of the networks. ``tile``: run on overlapping tiles of this
     size (a multiple of ``pad_multiple``), blended over ``tile_overlap`` px, for bounded memory (see the
-    module docstring); None runs the whole image at once.
+    module docstring and :func:`auto_tile`); None runs the whole image at once.
+
+    Memory beyond the networks' when tiled: the blended image and anchor sums, which become the results in
+    place, and the blending weights' sum, 7 floats a pixel (670 MB for 24 megapixels), besides the input
+    itself; the image is never padded (:class:`PaddedImage`) and the whole image's features never exist
+    (:func:`tile_features`).
     """
     if tile is not None and (tile < pad_multiple or tile % pad_multiple):
         raise ValueError(f"tile must be a positive multiple of pad_multiple={pad_multiple}, got {tile}")
     height, width = img_lr.shape[-2:]
     steps_sampler = make_sampler(diffusion, sampler, steps, eta)
     with _grad_free(inference_mode):
-        padded = pad_to_multiple(img_lr, pad_multiple)
-        features = condition_features(padded)
         anchor_networks = AnchorNetworks(encoder, he_network)
         if tile is None:
-            image, anchor = _enhance_full(anchor_networks, diffusion, steps_sampler, padded, features,
-                                          precision=precision, generator=generator, noise_fn=None,
-                                          callback=callback)
+            padded = pad_to_multiple(img_lr, pad_multiple)
+            image, anchor = _enhance_full(anchor_networks, diffusion, steps_sampler, padded,
+                                          condition_features(padded), precision=precision, generator=generator,
+                                          noise_fn=None, callback=callback)
         else:
-            image, anchor = _enhance_tiled(anchor_networks, diffusion, steps_sampler, padded, features, tile=tile,
-                                           overlap=tile_overlap, precision=precision, generator=generator,
-                                           callback=callback)
-        return Enhanced(image=image[..., :height, :width], anchor=anchor[..., :height, :width].clamp(0, 1))
+            image, anchor = _enhance_tiled(anchor_networks, diffusion, steps_sampler,
+                                           PaddedImage(img_lr, pad_multiple), tile=tile, overlap=tile_overlap,
+                                           precision=precision, generator=generator, callback=callback)
+        return Enhanced(image=image[..., :height, :width], anchor=anchor.clamp_(0, 1)[..., :height, :width])

@@ -18,7 +18,7 @@ AppError = gradio_client.exceptions.AppError
 
 import demo  # noqa: E402
 from docs.demo_screenshot import CHROMIUM_ARGS, enhance_in_page, find_chromium, free_port  # noqa: E402
-from models import AnlightenDiff, CheckpointError, load_for_inference  # noqa: E402
+from models import AnlightenDiff, CheckpointError, inference, load_for_inference  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.config import SamplerConfig, config_from_dict  # noqa: E402
 
@@ -113,20 +113,42 @@ def test_unreadable_upload_gets_a_message(server: str, tmp_path: Path) -> None:
         enhance(server, fake)
 
 
-def test_oversized_upload_needs_tiling(server: str, tmp_path: Path) -> None:
+def test_uploads_above_the_limit_are_refused_tiled_or_not(server: str, tmp_path: Path) -> None:
     big = tmp_path / "big.png"
     Image.fromarray(np.full((30, 30, 3), 20, np.uint8)).save(big)
-    with pytest.raises(AppError, match="900 pixels, more than this demo's limit of 576"):
-        enhance(server, big)
+    for tile in (0, 16):
+        with pytest.raises(AppError, match="900 pixels, more than this demo's limit of 576. Upload a smaller"):
+            enhance(server, big, tile=tile)
 
 
-def test_tiling_lifts_the_size_limit(server: str, tmp_path: Path) -> None:
-    big = tmp_path / "big.png"
-    Image.fromarray((np.random.default_rng(1).random((30, 30, 3)) * 60).astype(np.uint8)).save(big)
-    _, _, png = enhance(server, big, tile=16)
-    assert_brightened(big, png)
+def test_explicit_tiles(server: str, samples: Path) -> None:
+    _, _, png = enhance(server, samples / "dark.png", tile=16)
+    assert_brightened(samples / "dark.png", png)
     with pytest.raises(AppError, match="tile size must be a multiple of 8"):
-        enhance(server, big, tile=12)
+        enhance(server, samples / "dark.png", tile=12)
+
+
+def test_large_uploads_are_tiled_by_themselves(model: AnlightenDiff, samples: Path, monkeypatch) -> None:
+    """Tile size 0 (the default): above the automatic threshold (shrunk here to a 16 px tile's memory) the
+    image is enhanced on tiles, and the progress bar says which tile is running; below it, in one piece."""
+    per_pixel = inference.NETWORK_BYTES_PER_PIXEL[0] + inference.NETWORK_BYTES_PER_PIXEL[1] * 8
+    monkeypatch.setattr(inference, "AUTO_TILE_MEMORY", per_pixel * 16 * 16)
+    assert demo.tile_options(0, model, 20, 24) == {"tile": 16, "tile_overlap": 4}
+    assert demo.tile_options(0, model, 16, 16) == {}
+    assert demo.tile_options(8, model, 16, 16) == {"tile": 8, "tile_overlap": 2}
+    seen: list[str] = []
+    handler = demo.make_enhance_fn(model, FAST, MAX_PIXELS)
+    upload = {"path": str(samples / "dark.png"), "orig_name": "dark.png"}  # 24x20, padded to 24x24: 2x2 tiles
+    (_, after), _, png = handler(upload, "ddim", 2, 0, progress=lambda value, desc: seen.append(desc))
+    assert seen == ["sampling"] + [f"tile {i} of 4" for i in (1, 1, 2, 2, 3, 3, 4, 4)]
+    assert_brightened(samples / "dark.png", png)
+
+
+def test_large_results_are_shown_downscaled_and_downloaded_whole() -> None:
+    small = np.random.default_rng(0).random((30, 40, 3)).astype(np.float32)
+    assert demo.preview(small) is small
+    large = np.zeros((100, 3000, 3), np.float32)
+    assert demo.preview(large).shape == (68, 2048, 3)
 
 
 def test_progress_follows_the_sampling_steps(model: AnlightenDiff, samples: Path) -> None:

@@ -328,13 +328,18 @@ CASES: list[Any] = [
                  r"no images found in .*empty", True, id="unpaired-empty_folder"),
     pytest.param("test_unpaired.py", lambda w: unpaired_argv(w, inputs=write(w.root / "notes.txt", "hi\n")),
                  r"'.*notes\.txt' is not an image file", True, id="unpaired-not_an_image_extension"),
-    pytest.param("test_unpaired.py", lambda w: unpaired_argv(w, inputs=huge_input(w)),
-                 r"1 image\(s\) larger than --max-pixels 4,194,304.*huge/big\.png \(2100x2000 = 4,200,000 pixels\).*"
-                 r"pass --tile SIZE to enhance them in tiles, or raise --max-pixels", True,
-                 id="unpaired-huge_image_without_tile"),
+    pytest.param("test_unpaired.py", lambda w: unpaired_argv(w, "--max-pixels", "4000000", inputs=huge_input(w)),
+                 r"1 image\(s\) larger than --max-pixels 4,000,000, the limit given .*huge/big\.png \(2100x2000 = "
+                 r"4,200,000 pixels\)\); raise --max-pixels or leave it out: large images are tiled", True,
+                 id="unpaired-huge_image_above_a_given_cap"),
     pytest.param("test_unpaired.py", lambda w: unpaired_argv(w, "--max-pixels", "700"),
                  r"2 image\(s\) larger than --max-pixels 700, .*a\.png \(32x24 = 768 pixels\)", True,
                  id="unpaired-above_max_pixels"),
+    pytest.param("test_unpaired.py", lambda w: unpaired_argv(w, "--tile", "large"),
+                 r"--tile must be auto, off or a tile size in pixels, got 'large'", True, id="unpaired-bad_tile"),
+    pytest.param("test_unpaired.py", lambda w: unpaired_argv(w, "--brightness", "2"),
+                 r"--brightness must be auto or a number in \[0\.05, 0\.95\] .*got '2'", True,
+                 id="unpaired-brightness_out_of_range"),
     pytest.param("test_unpaired.py", lambda w: unpaired_argv(w, ckpt=truncated_copy(w.ckpt, w.root / "half.ckpt")),
                  r"half\.ckpt: not a readable PyTorch checkpoint", True, id="unpaired-truncated_checkpoint"),
     pytest.param("test_unpaired.py", lambda w: unpaired_argv(w, ckpt=save_tiny_checkpoint(

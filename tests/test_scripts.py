@@ -17,7 +17,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 import test as test_script
 import test_unpaired
 import train
-from models import AnlightenDiff
+from models import AnlightenDiff, inference
 from utils.cli import UserError, run_cli
 from utils.config import config_from_dict
 
@@ -203,21 +203,43 @@ def test_test_unpaired_errors_are_one_line(tmp_path, tiny_ckpt, capsys, argv, me
     assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
 
 
-def test_test_unpaired_tiles_large_images(tmp_path, tiny_ckpt):
-    inputs, out = tmp_path / "in", tmp_path / "out"
+def test_test_unpaired_tiles_large_images_by_itself(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """No flags: an image above the automatic threshold (shrunk here to a 16 px tile's memory, so that a
+    20x28 image is large) is enhanced on tiles, with a progress bar counting them, and a small one in one
+    piece; --tile off and --tile SIZE override the choice; --max-pixels is a cap only when given."""
+    inputs = tmp_path / "in"
     inputs.mkdir()
     Image.fromarray((np.random.default_rng(3).random((20, 28, 3)) * 50).astype(np.uint8)).save(inputs / "big.png")
-    base = ["--input", str(inputs), "--ckpt", str(tiny_ckpt), "--steps", "2", "--max-pixels", "100"]
-    with pytest.raises(UserError, match="--tile"):
-        test_unpaired.main([*base, "--output", str(out)])
-    assert not out.exists()
-    assert test_unpaired.main([*base, "--output", str(out), "--tile", "16", "--tile-overlap", "4"]) == 0
-    tiled = np.asarray(Image.open(out / "big.png"))
+    Image.fromarray((np.random.default_rng(4).random((8, 8, 3)) * 50).astype(np.uint8)).save(inputs / "small.png")
+    per_pixel = inference.NETWORK_BYTES_PER_PIXEL[0] + inference.NETWORK_BYTES_PER_PIXEL[1] * 8
+    monkeypatch.setattr(inference, "AUTO_TILE_MEMORY", per_pixel * 16 * 16)
+    tiles = []
+    enhance = AnlightenDiff.enhance
+    monkeypatch.setattr(AnlightenDiff, "enhance", lambda self, img, *a, **k: tiles.append(
+        (img.shape[-1], k["tile"], k["tile_overlap"])) or enhance(self, img, *a, **k))
+    base = ["--input", str(inputs), "--ckpt", str(tiny_ckpt), "--steps", "2"]
+
+    assert test_unpaired.main([*base, "--output", str(tmp_path / "auto")]) == 0
+    assert tiles == [(28, 16, 4), (8, None, 0)]  # overlap: a quarter of the tile at most
+    err = capsys.readouterr().err
+    assert "big.png: tiles" in err and "0/6" in err and "small.png: tiles" not in err  # 2 x 3 tiles of 24 x 32
+    tiled = np.asarray(Image.open(tmp_path / "auto" / "big.png"))
     assert tiled.shape == (20, 28, 3)
     assert (tiled.astype(int) >= np.asarray(Image.open(inputs / "big.png")).astype(int) - 1).all()
+
+    tiles.clear()
+    assert test_unpaired.main([*base, "--output", str(tmp_path / "explicit"), "--tile", "16", "--tile-overlap",
+                               "4"]) == 0
+    assert test_unpaired.main([*base, "--output", str(tmp_path / "off"), "--tile", "off"]) == 0
+    assert tiles == [(28, 16, 4), (8, 16, 4), (28, None, 64), (8, None, 64)]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "explicit" / "big.png")), tiled)
+    with pytest.raises(UserError, match=r"--max-pixels 100, .*big\.png \(28x20 = 560 pixels\).*leave it out"):
+        test_unpaired.main([*base, "--output", str(tmp_path / "capped"), "--max-pixels", "100"])
     with pytest.raises(UserError, match="--tile must be a positive multiple of 8"):  # refused before any work
         test_unpaired.main([*base, "--output", str(tmp_path / "o2"), "--tile", "15"])
-    assert not (tmp_path / "o2").exists()
+    with pytest.raises(UserError, match="--tile must be auto, off or a tile size"):
+        test_unpaired.main([*base, "--output", str(tmp_path / "o3"), "--tile", "big"])
+    assert not any((tmp_path / name).exists() for name in ("capped", "o2", "o3"))
 
 
 def test_test_unpaired_bf16_stays_close_to_fp32(tmp_path, tiny_ckpt):
