@@ -23,7 +23,7 @@ from models import AnlightenDiff, CheckpointError, load_for_inference
 from models.brightness import BRIGHTNESS_RANGE, check_target, match_brightness
 from models.inference import auto_tile, network_width, tile_boxes
 from utils.cli import UserError, add_inference_args, check_precision, resolve_device, run_cli, sampler_from_args
-from utils.config import FAST_SAMPLER, SamplerConfig
+from utils.config import SamplerConfig
 from utils.image_io import ImageReadError, LoadedImage, list_images, read_image, save_png
 
 try:
@@ -56,7 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"(default: {DEFAULT_MAX_PIXELS:,})")
     parser.add_argument("--samples", type=Path, default=SAMPLES_DIR,
                         help="folder of sample images offered on the page (default: samples/ beside demo.py)")
-    add_inference_args(parser, FAST_SAMPLER)
+    add_inference_args(parser)
     args = parser.parse_args(argv)
     if args.max_pixels < 1:
         parser.error(f"--max-pixels must be positive, got {args.max_pixels}")
@@ -263,8 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     precision = check_precision(args.precision, device)
     model = load_for_inference(args.ckpt, device)
-    base = dataclasses.replace(FAST_SAMPLER, eta=args.eta, seed=args.seed)
-    defaults = checked_sampler(base, args.sampler, args.steps, model.config.diffusion.timesteps)
+    recommended = model.config.sampler  # the checkpoint's recommended sampler, unless flags say otherwise
+    base = dataclasses.replace(recommended, eta=recommended.eta if args.eta is None else args.eta,
+                               seed=recommended.seed if args.seed is None else args.seed)
+    defaults = checked_sampler(base, args.sampler or recommended.sampler, args.steps or recommended.steps,
+                               model.config.diffusion.timesteps)
     samples = sample_images(args.samples)
     app = build_app(model, defaults, args.max_pixels, samples, precision)
     print(f"{len(samples)} sample image(s) from {args.samples}; Ctrl+C stops the server")

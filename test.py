@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     precision = check_precision(args.precision, device)
     ckpt = resolve_checkpoint(args.ckpt)
     model = load_for_inference(ckpt, device)
-    sampler = sampler_from_args(args, config.sampler, model.config.diffusion.timesteps)
+    sampler = sampler_from_args(args, model.config.sampler, model.config.diffusion.timesteps)  # its recommended one
     lpips_model = build_lpips("alex", device=device) if lpips_available("alex") else None
     if lpips_model is None:
         print(f"LPIPS: null ({missing_weights_message('alex').splitlines()[0]})", file=sys.stderr)

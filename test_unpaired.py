@@ -25,7 +25,6 @@ from utils.cli import (
     run_cli,
     sampler_from_args,
 )
-from utils.config import FAST_SAMPLER
 from utils.image_io import (
     ImagePathNotFoundError,
     ImageReadError,
@@ -52,7 +51,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-pixels", type=int, metavar="N",
                         help="refuse (before anything runs) images of more than N pixels (default: no limit; large "
                              "photos are tiled automatically, see --tile)")
-    add_inference_args(parser, FAST_SAMPLER)
+    add_inference_args(parser)
     parser.add_argument("--tile", default="auto", metavar="SIZE",
                         help="auto (default): images too large for about 1.25 GiB of network memory are enhanced in "
                              "overlapping tiles sized to fit, with blended seams and the whole image's histogram "
@@ -187,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     precision = check_precision(args.precision, device)
     model = load_for_inference(args.ckpt, device)
-    sampler = sampler_from_args(args, FAST_SAMPLER, model.config.diffusion.timesteps)
+    sampler = sampler_from_args(args, model.config.sampler, model.config.diffusion.timesteps)  # its recommended one
     check_tiling(args.tile, args.tile_overlap, model.config.diffusion.pad_multiple)
     if args.grid and Path(args.grid).exists() and not args.overwrite:
         raise UserError(f"--grid {args.grid} already exists; pass --overwrite to replace it")

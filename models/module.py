@@ -180,6 +180,11 @@ class AnlightenDiff(pl.LightningModule):
     def enhance(self, img_lr: torch.Tensor, sampler: SamplerConfig | None = None, **kwargs: Any) -> Enhanced:
         """Enhance (B, 3, H, W) images in [0, 1] with a sampler config (default: ``config.sampler``)."""
         sampler = sampler or self.config.sampler
+        if self.config.stage == "anchor" and sampler.sampler != "anchor":
+            from models.checkpoint import CheckpointError  # models.checkpoint imports this module
+
+            raise CheckpointError(f"this model's noise predictor was never trained (it comes from an anchor-stage "
+                                  f"run): use the anchor sampler, not {sampler.sampler}")
         # without DRDS, x_T itself is noise (see GaussianDiffusion.sampling_start)
         stochastic = sampler.sampler == "ddpm" or sampler.eta > 0 or not self.config.diffusion.use_center_sampler
         generator = None

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from data.datamodule import DATASET_COMBINATIONS, LowLightDataModule, collate_pairs
 from data.datasets import PairedImageDataset, find_pairs_dirs, pair_files, pair_key
-from utils.image_io import ImageReadError
+from tests.conftest import ROOT
+from utils.image_io import ImageReadError, read_image
 
 H, W = 12, 16  # tiny "full" images
 
@@ -314,15 +315,23 @@ def test_grey_and_rgba_inputs_become_rgb(tmp_path):
     torch.testing.assert_close(item["high"], torch.full((3, 4, 4), 80 / 255))
 
 
-def test_real_lol_pairs():
-    root = Path("/work/shared/data/LOL")
-    if not (root / "our485").is_dir():
-        pytest.skip("the shared LOL sample is not available")
-    dataset = PairedImageDataset.from_layout("LOL", root, "train", crop_size=160, augment=True, seed=0)
-    assert [low.name for low, _ in dataset.pairs] == ["2.png", "5.png", "6.png", "9.png"]
+def test_lol_layout_with_lossless_webp_pairs(tmp_path):
+    """The LOL layout as shared here (lossless WebP, names 2 ... 789): the repo's own samples, no machine path."""
+    names = ("2", "5", "6", "9")
+    for side in ("low", "high"):
+        (tmp_path / "our485" / side).mkdir(parents=True)
+    for name in names:
+        low = Image.open(ROOT / "samples" / f"lol_{name}.png").convert("RGB")
+        low.save(tmp_path / "our485" / "low" / f"{name}.webp", lossless=True)
+        low.point(lambda v: min(255, 4 * v)).save(tmp_path / "our485" / "high" / f"{name}.webp", lossless=True)
+    dataset = PairedImageDataset.from_layout("LOL", tmp_path, "train", crop_size=160, augment=True, seed=0)
+    assert [low.name for low, _ in dataset.pairs] == [f"{n}.webp" for n in names]
     item = dataset[0]
     assert item["low"].shape == (3, 160, 160)
     assert item["low"].mean() < item["high"].mean()
+    decoded = read_image(tmp_path / "our485" / "low" / "2.webp").rgb
+    original = np.asarray(Image.open(ROOT / "samples" / "lol_2.png").convert("RGB"), dtype=np.float32) / 255
+    assert np.array_equal(decoded, original)  # lossless
 
 
 # ---------------------------------------------------------------- datamodule

@@ -31,8 +31,8 @@ CHECKPOINT = ROOT / "checkpoints" / "default.ckpt"
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden_default_checkpoint.json"
 IMAGES = ("lol_2.png", "synthetic_rocket.png")
 """A LOL input and a synthetic one whose size (640 x 427) is padded to a multiple of 32 and cropped back."""
-SAMPLER = {"sampler": "ddim", "steps": 4, "eta": 0.0, "seed": 0}
-"""test_unpaired.py's default when recorded (utils.config.FAST_SAMPLER), passed explicitly so the recorded numbers
+SAMPLER = {"sampler": "anchor", "steps": 1, "eta": 0.0, "seed": 0}
+"""The bundled checkpoint's recommended sampler when recorded, passed explicitly so the recorded numbers
 stay valid if the default changes."""
 TOLERANCE = {"mean": 5e-4, "std": 5e-4, "blocks": 3e-3}
 

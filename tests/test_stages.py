@@ -136,3 +136,28 @@ def test_holdout_links_every_nth_pair_and_never_overwrites(tmp_path):
     assert (tmp_path / "out/val/high" / val[0]).resolve() == (src / "high" / val[0]).resolve()
     with pytest.raises(UserError, match="not empty"):
         split_pairs(src, tmp_path / "out", every=4, offset=1)
+
+
+def test_an_anchor_stage_model_refuses_its_untrained_noise_predictor(images):
+    module = _module(ANCHOR_STAGE).eval()
+    ddim = config_from_dict({"sampler": {"sampler": "ddim", "steps": 2}}).sampler
+    with pytest.raises(CheckpointError, match="never trained"):
+        module.enhance(images[0], ddim)
+    anchor = config_from_dict({"sampler": {"sampler": "anchor"}}).sampler
+    assert module.enhance(images[0], anchor).image.shape == images[0].shape
+
+
+def test_scripts_default_to_the_checkpoints_recommended_sampler(tmp_path):
+    import test_unpaired
+    from models.checkpoint import export_checkpoint
+    from utils.cli import run_cli
+
+    trained = _module({**ANCHOR_STAGE, "sampler": {"sampler": "anchor", "steps": 1}})
+    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)}, tmp_path / "r.ckpt")
+    ckpt = export_checkpoint(tmp_path / "r.ckpt", tmp_path / "anchor.ckpt")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.full((16, 24, 3), 30, dtype=np.uint8)).save(tmp_path / "in" / "a.png")
+    argv = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--ckpt", str(ckpt)]
+    assert run_cli(test_unpaired.main, test_unpaired.USER_ERRORS, argv) == 0  # ddim would be refused
+    assert run_cli(test_unpaired.main, test_unpaired.USER_ERRORS, [*argv, "--sampler", "ddim", "--steps", "2",
+                                                                   "--overwrite"]) == 2

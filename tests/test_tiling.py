@@ -38,7 +38,6 @@ from models.inference import (
 from models.samplers import make_sampler
 from tests.conftest import ROOT
 from tests.test_inference import _smooth
-from utils.config import FAST_SAMPLER
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,20 +115,21 @@ def test_away_from_the_seams_the_output_is_the_tile_enhanced_on_its_own(tiny_con
 
 
 def test_tiling_the_bundled_model_on_a_real_photo_stays_within_its_own_shift_sensitivity():
-    """samples/lol_6.png at 300x200, two 256 px tiles. The bundled model's output is grainy: enhancing the
-    photo shifted by one pixel changes it by 0.16 on average. Tiling changes it by less than half of that
-    (measured 0.052), and its local averages (8x8) by under 0.03 (measured 0.013, the shift's 0.012); the
-    anchor (equalised image, zero residual) is exactly the untiled one."""
+    """samples/lol_6.png at 300x200, two 256 px tiles, the bundled model with its recommended sampler. Enhancing
+    the photo shifted by one pixel changes the output by 0.024 on average; tiling changes it by less than half of
+    that (measured 0.006), and its local averages (8x8) by under 0.03 (measured 0.005). The anchor is computed per
+    tile too (instance norm), so it obeys the same bound."""
     model = load_for_inference(None, torch.device("cpu"))
+    sampler = model.config.sampler
     img = real_photo((300, 200))
-    untiled = model.enhance(img, FAST_SAMPLER)
-    tiled = model.enhance(img, FAST_SAMPLER, tile=256, tile_overlap=64)
-    shifted = model.enhance(img[..., 1:, 1:], FAST_SAMPLER).image
+    untiled = model.enhance(img, sampler)
+    tiled = model.enhance(img, sampler, tile=256, tile_overlap=64)
+    shifted = model.enhance(img[..., 1:, 1:], sampler).image
     shift_gap = (shifted - untiled.image[..., 1:, 1:]).abs().mean()
     gap = (tiled.image - untiled.image).abs()
-    assert gap.mean() < 0.5 * shift_gap
+    assert 0 < gap.mean() < 0.5 * shift_gap
     assert (F.avg_pool2d(tiled.image, 8) - F.avg_pool2d(untiled.image, 8)).abs().mean() < 0.03
-    assert torch.allclose(tiled.anchor, untiled.anchor, atol=1e-6)
+    assert (tiled.anchor - untiled.anchor).abs().mean() < 0.5 * shift_gap
 
 
 # ------------------------------------------------------------------------------------ the automatic choice
