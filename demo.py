@@ -21,10 +21,11 @@ from PIL import Image
 
 from models import AnlightenDiff, CheckpointError, load_for_inference
 from models.brightness import BRIGHTNESS_RANGE, check_target, match_brightness
-from models.inference import auto_tile, network_width, tile_boxes
+from models.tiling import auto_tile, network_width, tile_boxes
 from utils.cli import UserError, add_inference_args, check_precision, resolve_device, run_cli, sampler_from_args
 from utils.config import SamplerConfig
 from utils.image_io import ImageReadError, LoadedImage, list_images, read_image, save_png
+from utils.memory import retain_freed_memory_for
 
 try:
     import gradio as gr
@@ -39,6 +40,7 @@ MAX_TILE_OVERLAP = 64
 PREVIEW_MAX_SIDE = 2048
 """Longest side of the images shown on the page (the download is always full resolution)."""
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+SAMPLER_INFO = "anchor: one network pass, fastest; ddim: few steps; ddpm: the paper's sampler, all timesteps"
 EnhanceResult = tuple[tuple[np.ndarray, np.ndarray], np.ndarray, str]
 
 
@@ -70,12 +72,26 @@ def sample_images(folder: Path) -> list[Path]:
     return list_images([folder], recursive=False) if folder.is_dir() else []
 
 
-def checked_sampler(base: SamplerConfig, sampler: str, steps: int, timesteps: int) -> SamplerConfig:
+def checked_sampler(model: AnlightenDiff, base: SamplerConfig, sampler: str, steps: int) -> SamplerConfig:
     """``base`` with this sampler and step count (ddpm: every timestep), validated like the command-line
-    flags (UserError)."""
+    flags and refused (UserError) where ``model`` cannot run it."""
+    if sampler not in model.samplers:
+        raise UserError(f"sampler {sampler}: this checkpoint runs only {', '.join(model.samplers)} "
+                        f"(its noise predictor was never trained)")
+    timesteps = model.config.diffusion.timesteps
     chosen = argparse.Namespace(sampler=sampler, steps=timesteps if sampler == "ddpm" else steps, eta=None,
                                 seed=None)
     return sampler_from_args(chosen, base, timesteps)
+
+
+def initial_sampler(model: AnlightenDiff, args: argparse.Namespace | None = None) -> SamplerConfig:
+    """The page's initial sampler: the checkpoint's recommended one, changed by the sampler flags in ``args``
+    (:func:`utils.cli.add_inference_args`) where given; a UserError if this model cannot run it."""
+    recommended = model.config.sampler
+    flags = vars(args) if args is not None else {}
+    base = dataclasses.replace(recommended, **{k: flags[k] for k in ("eta", "seed") if flags.get(k) is not None})
+    return checked_sampler(model, base, flags.get("sampler") or recommended.sampler,
+                           flags.get("steps") or recommended.steps)
 
 
 def refusal(message: str) -> gr.Error:
@@ -136,7 +152,7 @@ def check_tile(tile: int, pad_multiple: int) -> int:
 
 def tile_options(tile: int, model: AnlightenDiff, height: int, width: int) -> dict[str, int]:
     """Keyword arguments of tiled enhancement for a ``height`` x ``width`` image (overlap: a quarter of the
-    tile, at most 64 px): tiles of ``tile`` px, or for 0 those of :func:`models.inference.auto_tile`, which
+    tile, at most 64 px): tiles of ``tile`` px, or for 0 those of :func:`models.tiling.auto_tile`, which
     leaves images that fit in one piece untiled (no arguments)."""
     if tile == 0:
         tile = auto_tile(height, width, model_width=network_width(model.config.model),
@@ -174,7 +190,7 @@ def make_enhance_fn(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: i
     It gets the page's raw values (``preprocess=False``), so that read_image, not gradio, decodes and judges
     the file. ``brightness``: 0 keeps the model's brightness, else the target mean luminance of the result and
     of the anchor shown (:func:`models.brightness.match_brightness`)."""
-    timesteps, pad_multiple = model.config.diffusion.timesteps, model.config.diffusion.pad_multiple
+    pad_multiple = model.config.diffusion.pad_multiple
     outputs = tempfile.TemporaryDirectory(prefix="anlightendiff-demo-")  # removed when the server exits
 
     def enhance_upload(upload: dict[str, Any] | None, sampler: str, steps: float, tile: float | None,
@@ -185,7 +201,7 @@ def make_enhance_fn(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: i
         luminance = brightness_target(brightness)
         loaded = load_upload(path, name, max_pixels)
         try:
-            config = checked_sampler(defaults, sampler, int(steps), timesteps)
+            config = checked_sampler(model, defaults, sampler, int(steps))
         except UserError as err:
             raise refusal(str(err)) from None
         tiling = tile_options(tile_size, model, *loaded.rgb.shape[:2])
@@ -204,10 +220,10 @@ def make_enhance_fn(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: i
 
 
 def steps_control(sampler: str, timesteps: int) -> dict:
-    """ddpm always runs every timestep: lock the steps slider there; ddim may choose."""
+    """ddpm always runs every timestep: lock the steps slider there; anchor runs none; ddim may choose."""
     if sampler == "ddpm":
         return gr.update(value=timesteps, interactive=False)
-    return gr.update(interactive=True)
+    return gr.update(interactive=sampler == "ddim")
 
 
 def build_app(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -224,8 +240,9 @@ def build_app(model: AnlightenDiff, defaults: SamplerConfig, max_pixels: int = D
                                   sources=["upload", "clipboard"], height=IMAGE_HEIGHT, elem_id="upload")
                 if samples:
                     gr.Examples([[str(p)] for p in samples], inputs=[upload], label="Samples")
-                sampler = gr.Radio(["ddim", "ddpm"], value=defaults.sampler, label="Sampler",
-                                   info="ddim: few steps, fast; ddpm: the paper's sampler, all timesteps")
+                sampler = gr.Radio(list(model.samplers), value=defaults.sampler, label="Sampler",
+                                   info=SAMPLER_INFO if len(model.samplers) > 1 else
+                                   "anchor: this model's only sampler (its noise predictor was never trained)")
                 steps = gr.Slider(1, timesteps, value=defaults.steps, step=1, label="Sampling steps",
                                   interactive=defaults.sampler == "ddim")
                 tile = gr.Number(0, precision=0, minimum=0, step=pad_multiple,
@@ -263,11 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     precision = check_precision(args.precision, device)
     model = load_for_inference(args.ckpt, device)
-    recommended = model.config.sampler  # the checkpoint's recommended sampler, unless flags say otherwise
-    base = dataclasses.replace(recommended, eta=recommended.eta if args.eta is None else args.eta,
-                               seed=recommended.seed if args.seed is None else args.seed)
-    defaults = checked_sampler(base, args.sampler or recommended.sampler, args.steps or recommended.steps,
-                               model.config.diffusion.timesteps)
+    retain_freed_memory_for(device)  # this script owns the process: keep freed memory (CPU)
+    defaults = initial_sampler(model, args)
     samples = sample_images(args.samples)
     app = build_app(model, defaults, args.max_pixels, samples, precision)
     print(f"{len(samples)} sample image(s) from {args.samples}; Ctrl+C stops the server")

@@ -26,11 +26,11 @@ def anlightendiff(checkpoint: str | Path | None = None, device: str | Any = "cpu
             ``python -m models.checkpoint``) or the paper's ``FS_final.ckpt``. None (the default): the
             checkpoint bundled with the repository, ``checkpoints/default.ckpt`` next to this hubconf.py.
         device: where the model runs, e.g. ``"cpu"`` (default), ``"cuda"`` or a ``torch.device``.
-        **kwargs: passed to ``models.inference.prepare_for_inference``: ``fold=True`` (fold weight norm
+        **kwargs: passed to ``models.preparation.prepare_for_inference``: ``fold=True`` (fold weight norm
             into plain weights, irreversible; pass False to keep the trainable parametrization),
-            ``channels_last=False``, ``compile=False`` (``torch.compile`` the networks) and
-            ``retain_memory=False`` (True sets glibc's allocator to keep freed memory, process-wide: faster
-            on CPU, but a change to the whole process, hence off here).
+            ``channels_last=False`` and ``compile=False`` (``torch.compile`` the networks). Loading never
+            changes the allocator; on CPU, ``utils.memory.retain_freed_memory()`` (glibc keeps freed memory
+            for reuse, process-wide, as the command-line scripts do) makes enhancing faster.
 
     Returns:
         The ``models.AnlightenDiff`` LightningModule in eval mode without gradients, on ``device``.
@@ -50,11 +50,10 @@ def anlightendiff(checkpoint: str | Path | None = None, device: str | Any = "cpu
     import torch
 
     from models import load_checkpoint, resolve_checkpoint
-    from models.inference import prepare_for_inference
+    from models.preparation import prepare_for_inference
 
     device = torch.device(device)
     path = resolve_checkpoint(BUNDLED_CHECKPOINT if checkpoint is None else checkpoint)
-    kwargs.setdefault("retain_memory", False)
     with torch.random.fork_rng(devices=[]):  # building the networks draws their (then replaced) initial weights
         module = load_checkpoint(path, map_location=device)
     return prepare_for_inference(module, device, **kwargs)

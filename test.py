@@ -33,6 +33,7 @@ from utils.cli import (
 from utils.config import ConfigError, load_config
 from utils.image_io import ImagePathNotFoundError, ImageReadError, OutputExistsError, atomic_write, read_image, save_png
 from utils.lpips import MIN_SIZES, build_lpips, lpips_available, missing_weights_message
+from utils.memory import retain_freed_memory_for
 from utils.metrics import METRICS, SSIM_MIN_SIZE, center_crop_boxes, mean_scores, quantize_output, score_pair
 
 
@@ -130,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     precision = check_precision(args.precision, device)
     ckpt = resolve_checkpoint(args.ckpt)
     model = load_for_inference(ckpt, device)
+    retain_freed_memory_for(device)  # this script owns the process: keep freed memory (CPU)
     sampler = sampler_from_args(args, model.config.sampler, model.config.diffusion.timesteps)  # its recommended one
     lpips_model = build_lpips("alex", device=device) if lpips_available("alex") else None
     if lpips_model is None:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from models import AnlightenDiff, CheckpointError, load_for_inference
 from models.brightness import BRIGHTNESS_RANGE, check_target, match_brightness
-from models.inference import auto_tile, network_width, tile_boxes
+from models.tiling import auto_tile, network_width, tile_boxes
 from utils.cli import (
     UserError,
     add_inference_args,
@@ -35,6 +35,7 @@ from utils.image_io import (
     save_grid,
     save_png,
 )
+from utils.memory import retain_freed_memory_for
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -138,7 +139,7 @@ def output_paths(inputs: Sequence[str], files: Sequence[Path], output: Path) -> 
 
 def tiling_for(args: argparse.Namespace, model: AnlightenDiff, height: int, width: int) -> tuple[int | None, int]:
     """(tile size or None, overlap) for a ``height`` x ``width`` image: --tile's, or with ``auto``
-    :func:`models.inference.auto_tile`'s choice (the overlap at most a quarter of the tile)."""
+    :func:`models.tiling.auto_tile`'s choice (the overlap at most a quarter of the tile)."""
     if args.tile != "auto":
         return args.tile, args.tile_overlap
     config = model.config
@@ -186,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     precision = check_precision(args.precision, device)
     model = load_for_inference(args.ckpt, device)
+    retain_freed_memory_for(device)  # this script owns the process: keep freed memory (CPU)
     sampler = sampler_from_args(args, model.config.sampler, model.config.diffusion.timesteps)  # its recommended one
     check_tiling(args.tile, args.tile_overlap, model.config.diffusion.pad_multiple)
     if args.grid and Path(args.grid).exists() and not args.overwrite:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from models import load_for_inference
 from utils.image_io import list_images, read_image, save_grid
+from utils.memory import retain_freed_memory_for
 
 BLOWN_Y = 250.0
 """A pixel is blown out when its luminance (0-255) is at least this."""
@@ -78,6 +79,7 @@ def model_method(ckpt: str | None, sampler: str | None, tile_pixels: int,
                  tile: int) -> Callable[[np.ndarray], np.ndarray]:
     device = torch.device("cpu")
     model = load_for_inference(ckpt, device)
+    retain_freed_memory_for(device)  # this script owns the process: keep freed memory (CPU)
     config = model.config.sampler
     if sampler is not None:
         config = type(config)(**{**config.__dict__, "sampler": sampler})

@@ -8,7 +8,8 @@ not depend on the weights. Prints, per optimisation setting, the anchor encoder'
 sampling step (UNet + sampler update) and the peak memory; then seconds per image for faithful DDPM-T
 (measured end to end; estimated from encoder + T steps with --quick) and for DDIM at a few step counts,
 with the speed-up measured in the same run. With --ckpt and --pairs DIR (low/ and high/) it also prints
-PSNR/SSIM/LPIPS per sampler and their difference to DDPM-T. --tile SIZE measures a 3840x2160 image
+PSNR/SSIM/LPIPS per sampler (DDPM-T, the anchor alone, DDIM-k; only the anchor for an anchor- or he-stage
+checkpoint) and their difference to the first row. --tile SIZE measures a 3840x2160 image
 enhanced on tiles. The last line is always ``speedup <x>``: DDPM-T time / default fast time.
 
     python bench/speed.py --large 4000x3000,6000x4000 [--ckpt PATH] [--threads N]
@@ -41,32 +42,26 @@ from torch import nn
 from data.datasets import DatasetError, DatasetNotFoundError, pair_files
 from models import CheckpointError, build_networks, load_checkpoint
 from models.anchor import condition_features
-from models.inference import (
-    auto_tile,
-    bf16_supported,
-    encode,
-    enhance,
-    network_width,
-    pad_to_multiple,
-    prepare_for_inference,
-    release_memory,
-    retain_freed_memory,
-    sample,
-    tile_boxes,
-)
+from models.inference import encode, enhance, sample
+from models.padding import pad_to_multiple
+from models.precision import bf16_supported
+from models.preparation import prepare_for_inference
 from models.samplers import make_sampler
+from models.tiling import auto_tile, network_width, tile_boxes
 from utils.cli import UserError, resolve_device, run_cli
 from utils.config import FAST_SAMPLER, Config, ConfigError, load_config
 from utils.image_io import ImagePathNotFoundError, ImageReadError, read_image
 from utils.lpips import build_lpips, lpips_available
-from utils.metrics import image_metrics, to_uint8
+from utils.memory import release_memory, retain_freed_memory
+from utils.metrics import mean_scores, score_pairs, to_uint8
 
 GIB = 1024**3
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One combination of the switchable optimisations of models/inference.py."""
+    """One combination of the switchable optimisations of inference (models/preparation.py, models/inference.py,
+    models/precision.py, utils/memory.py)."""
 
     name: str
     fold: bool = True
@@ -157,8 +152,7 @@ def peak_memory(device: torch.device) -> int:
 def prepared_copy(networks: nn.ModuleDict, setting: Setting, device: torch.device) -> nn.ModuleDict:
     """A deep copy of the networks with the setting's optimisations applied (the original is untouched)."""
     return prepare_for_inference(copy.deepcopy(networks), device, fold=setting.fold,
-                                 channels_last=setting.channels_last, compile=setting.compile,
-                                 retain_memory=False)
+                                 channels_last=setting.channels_last, compile=setting.compile)
 
 
 def apply_allocator(setting: Setting, device: torch.device) -> None:
@@ -303,18 +297,19 @@ def load_pairs(folder: Path, limit: int | None, device: torch.device) -> list[tu
 
 def quality_rows(networks: nn.ModuleDict, pairs: list[tuple[torch.Tensor, np.ndarray]], pad_multiple: int,
                  samplers: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    """Mean PSNR/SSIM/LPIPS and seconds per image of each (sampler, steps) with the default setting."""
+    """Mean PSNR/SSIM/LPIPS (:func:`utils.metrics.score_pairs`, what test.py reports) and seconds per image of
+    each (sampler, steps) with the default setting."""
     lpips_model = build_lpips("alex", device=pairs[0][0].device) if lpips_available("alex") else None
     rows = []
     for sampler, steps in samplers:
-        scores, seconds = [], 0.0
+        outputs, seconds = [], 0.0
         for low, high in pairs:
             image, spent = time_enhance(networks, DEFAULT, low, pad_multiple, sampler, steps)
-            scores.append(image_metrics(to_uint8(image[0].float().cpu()), high, lpips_model=lpips_model))
+            outputs.append((image[0].float().cpu(), high))
             seconds += spent
-        mean = {k: (None if scores[0][k] is None else float(np.mean([s[k] for s in scores])))
-                for k in ("psnr", "ssim", "lpips")}
-        rows.append({"name": f"{sampler}-{steps}", **mean, "seconds": seconds / len(pairs)})
+        mean = mean_scores(score_pairs(outputs, lpips_model), ("psnr", "ssim", "lpips"))
+        name = "anchor" if sampler == "anchor" else f"{sampler}-{steps}"
+        rows.append({"name": name, **mean, "seconds": seconds / len(pairs)})
     return rows
 
 
@@ -512,7 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(lines), flush=True)
     if args.pairs:
         pairs = load_pairs(args.pairs, args.max_pairs, device)
-        samplers = [("ddpm", timesteps)] + [("ddim", s) for s in step_counts]
+        samplers = [("ddpm", timesteps), ("anchor", 1)] + [("ddim", s) for s in step_counts]
+        if config.stage != "diffusion":  # the noise predictor of an anchor or he stage was never trained
+            samplers = [("anchor", 1)]
         print("\n".join(quality_table(quality_rows(default, pairs, pad_multiple, samplers))), flush=True)
     if args.tile:
         print("\n".join(tile_lines(default, args, pad_multiple, fast_steps, device)), flush=True)

@@ -1,6 +1,6 @@
 """Regenerate docs/demo.png: serve the demo, enhance a bundled sample in headless Chromium, screenshot the page.
 
-    .venv/bin/python docs/demo_screenshot.py [--sample samples/lol_6.png] [--out docs/demo.png] [--overwrite]
+    .venv/bin/python -m docs.demo_screenshot [--sample samples/lol_6.png] [--out docs/demo.png] [--overwrite]
 
 Needs requirements-demo.txt and Chromium (``bash .ci/install_browser.sh``). Uses the bundled checkpoint and
 the demo's default sampler, exactly what ``make web-demo`` shows. The browser test of tests/test_demo.py drives
@@ -18,16 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import demo
+from models import load_for_inference
+from utils.cli import UserError, ensure_output_dir, run_cli
+from utils.image_io import atomic_write
+from utils.memory import retain_freed_memory_for
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-import demo  # noqa: E402
-from models import load_for_inference  # noqa: E402
-from utils.cli import UserError, ensure_output_dir, run_cli  # noqa: E402
-from utils.config import FAST_SAMPLER  # noqa: E402
-from utils.image_io import atomic_write  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -92,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{args.out} exists; pass --overwrite to replace it")
     ensure_output_dir(args.out.parent, "--out")
     model = load_for_inference(None, torch.device("cpu"))
-    app = demo.build_app(model, FAST_SAMPLER, demo.DEFAULT_MAX_PIXELS, demo.sample_images(demo.SAMPLES_DIR))
+    retain_freed_memory_for(model.device)  # this script owns the process: keep freed memory (CPU)
+    app = demo.build_app(model, demo.initial_sampler(model), demo.DEFAULT_MAX_PIXELS,
+                         demo.sample_images(demo.SAMPLES_DIR))
     url = demo.launch(app, "127.0.0.1", free_port(), demo.SAMPLES_DIR, block=False)
     try:
         png = screenshot(url, args.sample, args.width)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from models.inference import prepare_for_inference
 from models.module import AnlightenDiff
+from models.preparation import prepare_for_inference
 from utils.config import Config, ConfigError, config_from_dict
 from utils.image_io import atomic_write
 
@@ -236,7 +236,8 @@ def load_earlier_stage(module: AnlightenDiff, path: str | Path) -> list[str]:
 
 def load_for_inference(path: str | Path | None, device: torch.device) -> AnlightenDiff:
     """The checkpoint at ``path`` (None: the bundled one) on ``device``, prepared for fast inference (see
-    :func:`models.inference.prepare_for_inference`): what test.py, test_unpaired.py and the demo run."""
+    :func:`models.preparation.prepare_for_inference`): what test.py, test_unpaired.py and the demo run. The
+    process's allocator is left alone (the scripts opt in: :func:`utils.memory.retain_freed_memory_for`)."""
     return prepare_for_inference(load_checkpoint(resolve_checkpoint(path), map_location=device), device)
 
 

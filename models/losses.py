@@ -68,7 +68,11 @@ class AnchorLoss:
         return build_image_loss(name)
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return sum(weight * loss(pred, target) for loss, weight in self.terms)
+        """The loss in float32 even under bf16/fp16 autocast: MS-SSIM's products of small powers lose too much
+        in bf16 (a bundled run's loss went NaN there)."""
+        with torch.autocast(pred.device.type, enabled=False):
+            pred, target = pred.float(), target.float()
+            return sum(weight * loss(pred, target) for loss, weight in self.terms)
 
 
 def noise_loss(loss_type: str, eps_hat: torch.Tensor, eps_star: torch.Tensor) -> torch.Tensor:

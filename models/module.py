@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import pytorch_lightning as pl
 import torch
@@ -13,10 +13,11 @@ from torchvision.utils import make_grid
 
 from models.anchor import AnchorEncoder, HENetwork, anchor_from_features, color_map, condition_features, equalized
 from models.diffusion import GaussianDiffusion
-from models.inference import Enhanced, enhance, pad_to_multiple
+from models.inference import Enhanced, enhance
 from models.losses import AnchorLoss, Frozen, build_image_loss, dfpl_loss, noise_loss
+from models.padding import pad_to_multiple
 from models.unet import NoiseUNet
-from utils.config import Config, ConfigError, SamplerConfig, config_from_dict
+from utils.config import Config, ConfigError, SamplerConfig, SamplerName, config_from_dict
 from utils.lpips import LPIPSWeightsMissing, build_lpips, lpips_available, missing_weights_message
 from utils.metrics import METRICS, combined_score, score_pairs
 from utils.training import TrainingDiverged, keeps_best_checkpoint
@@ -177,14 +178,20 @@ class AnlightenDiff(pl.LightningModule):
         img_c, _ = self.encoder(img_lr)
         return self.he_network(equalized(img_lr), img_c)
 
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The samplers this model can run: all of them after a ``diffusion`` stage; only ``anchor`` when its
+        noise predictor was never trained (a checkpoint of stage ``anchor`` or ``he``)."""
+        return get_args(SamplerName) if self.config.stage == "diffusion" else ("anchor",)
+
     def enhance(self, img_lr: torch.Tensor, sampler: SamplerConfig | None = None, **kwargs: Any) -> Enhanced:
         """Enhance (B, 3, H, W) images in [0, 1] with a sampler config (default: ``config.sampler``)."""
         sampler = sampler or self.config.sampler
-        if self.config.stage == "anchor" and sampler.sampler != "anchor":
+        if sampler.sampler not in self.samplers:
             from models.checkpoint import CheckpointError  # models.checkpoint imports this module
 
-            raise CheckpointError(f"this model's noise predictor was never trained (it comes from an anchor-stage "
-                                  f"run): use the anchor sampler, not {sampler.sampler}")
+            raise CheckpointError(f"this model's noise predictor was never trained (it comes from a "
+                                  f"{self.config.stage}-stage run): use the anchor sampler, not {sampler.sampler}")
         # without DRDS, x_T itself is noise (see GaussianDiffusion.sampling_start)
         stochastic = sampler.sampler == "ddpm" or sampler.eta > 0 or not self.config.diffusion.use_center_sampler
         generator = None

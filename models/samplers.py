@@ -15,10 +15,15 @@ reference does); DDIM then follows the posterior, like DDPM.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from models.diffusion import GaussianDiffusion
 from utils.config import SamplerConfig, check_sampler
+
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+"""Standard-normal noise shaped like its argument, for one stochastic sampler step (instead of :func:`noise_like`)."""
 
 
 def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import utils.memory
 from utils.config import Config, config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,17 @@ def train_steps(module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+@pytest.fixture
+def libc_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The allocator calls (``("mallopt", option, value)``, ``("malloc_trim", pad)``) that utils.memory makes
+    during the test, recorded instead of made."""
+    calls: list[tuple] = []
+    libc = SimpleNamespace(mallopt=lambda *args: calls.append(("mallopt", *args)),
+                           malloc_trim=lambda *args: calls.append(("malloc_trim", *args)))
+    monkeypatch.setattr(utils.memory, "_libc", lambda: libc)
+    return calls
 
 
 @pytest.fixture

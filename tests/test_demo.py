@@ -18,7 +18,7 @@ AppError = gradio_client.exceptions.AppError
 
 import demo  # noqa: E402
 from docs.demo_screenshot import CHROMIUM_ARGS, enhance_in_page, find_chromium, free_port  # noqa: E402
-from models import AnlightenDiff, CheckpointError, inference, load_for_inference  # noqa: E402
+from models import AnlightenDiff, CheckpointError, load_for_inference, tiling  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.config import SamplerConfig, config_from_dict  # noqa: E402
 
@@ -132,8 +132,8 @@ def test_explicit_tiles(server: str, samples: Path) -> None:
 def test_large_uploads_are_tiled_by_themselves(model: AnlightenDiff, samples: Path, monkeypatch) -> None:
     """Tile size 0 (the default): above the automatic threshold (shrunk here to a 16 px tile's memory) the
     image is enhanced on tiles, and the progress bar says which tile is running; below it, in one piece."""
-    per_pixel = inference.NETWORK_BYTES_PER_PIXEL[0] + inference.NETWORK_BYTES_PER_PIXEL[1] * 8
-    monkeypatch.setattr(inference, "AUTO_TILE_MEMORY", per_pixel * 16 * 16)
+    per_pixel = tiling.NETWORK_BYTES_PER_PIXEL[0] + tiling.NETWORK_BYTES_PER_PIXEL[1] * 8
+    monkeypatch.setattr(tiling, "AUTO_TILE_MEMORY", per_pixel * 16 * 16)
     assert demo.tile_options(0, model, 20, 24) == {"tile": 16, "tile_overlap": 4}
     assert demo.tile_options(0, model, 16, 16) == {}
     assert demo.tile_options(8, model, 16, 16) == {"tile": 8, "tile_overlap": 2}
@@ -163,6 +163,28 @@ def test_progress_follows_the_sampling_steps(model: AnlightenDiff, samples: Path
 def test_ddpm_locks_the_steps_at_every_timestep() -> None:
     assert demo.steps_control("ddpm", 10) == {"__type__": "update", "value": 10, "interactive": False}
     assert demo.steps_control("ddim", 10) == {"__type__": "update", "interactive": True}
+    assert demo.steps_control("anchor", 10) == {"__type__": "update", "interactive": False}
+
+
+def test_the_page_offers_the_samplers_the_model_can_run(model: AnlightenDiff, samples: Path) -> None:
+    """A diffusion-stage model offers all three; an anchor-stage one (its noise predictor never trained) only
+    the anchor, starts there, and refuses the others with a message, on the page and from the flags."""
+    anchor_only = AnlightenDiff(config_from_dict({**TINY, "stage": "anchor", "model": {**TINY["model"],
+                                                  "cond_on_res": False}, "sampler": {"sampler": "anchor"}})).eval()
+    radios = {m: [c for c in demo.build_app(m, demo.initial_sampler(m)).config["components"]
+                  if c["type"] == "radio"][0]["props"] for m in (model, anchor_only)}
+    assert [c[0] for c in radios[model]["choices"]] == ["ddpm", "ddim", "anchor"]
+    assert [c[0] for c in radios[anchor_only]["choices"]] == ["anchor"] and radios[anchor_only]["value"] == "anchor"
+    with pytest.raises(demo.UserError, match="runs only anchor"):
+        demo.initial_sampler(anchor_only, demo.parse_args(["--sampler", "ddim"]))
+    enhance_fn = demo.make_enhance_fn(anchor_only, demo.initial_sampler(anchor_only), MAX_PIXELS)
+    upload = {"path": str(samples / "dark.png")}
+    with pytest.raises(demo.gr.Error, match="runs only anchor"):
+        enhance_fn(upload, "ddim", 2, 0, 0, progress=lambda *a, **k: None)
+    (_, after), _, png = enhance_fn(upload, "anchor", 1, 0, 0, progress=lambda *a, **k: None)
+    low = demo.to_tensor(demo.read_image(samples / "dark.png").rgb, anchor_only.device)
+    expected = demo.to_array(anchor_only.enhance(low, demo.initial_sampler(anchor_only)).image)
+    assert np.abs(np.asarray(Image.open(png), dtype=np.float64) / 255 - expected).max() < 1 / 255
 
 
 def test_one_enhancement_at_a_time(model: AnlightenDiff) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-import models.inference
+import utils.memory
 from models import DEFAULT_CHECKPOINT, AnlightenDiff, CheckpointError, load_checkpoint
 from models.checkpoint import export_checkpoint
 from utils.image_io import read_image
@@ -55,7 +55,7 @@ def test_loading_leaves_the_process_as_it_was(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the hub entry point changed glibc's allocator settings")
 
-    monkeypatch.setattr(models.inference, "retain_freed_memory", refuse)
+    monkeypatch.setattr(utils.memory, "_libc", refuse)
     path, threads, grad = list(sys.path), torch.get_num_threads(), torch.is_grad_enabled()
     rng = torch.get_rng_state()
     _hub_load()

@@ -12,23 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from models import inference
+from models import inference, load_checkpoint, load_for_inference
 from models.anchor import condition_features
 from models.diffusion import GaussianDiffusion
-from models.inference import (
-    autocast_dtype,
-    blend_weights,
-    encode,
-    enhance,
-    fold_weight_norm,
-    prepare_for_inference,
-    retain_freed_memory,
-    tile_boxes,
-    tile_starts,
-)
+from models.inference import encode, enhance
 from models.module import build_networks
+from models.precision import autocast_dtype, bf16_supported
+from models.preparation import fold_weight_norm, prepare_for_inference
+from models.tiling import blend_weights, tile_boxes, tile_starts
 from models.unet import NoiseUNet
 from tests.conftest import ROOT, TINY
+from utils.memory import retain_freed_memory
 
 
 class X0Predictor(nn.Module):
@@ -115,12 +109,19 @@ def test_fold_weight_norm_keeps_outputs_and_leaves_the_original_working(networks
 
 def test_channels_last_matches_contiguous(smooth_networks, dark_image):
     before = _enhance(smooth_networks, dark_image)
-    prepared = [prepare_for_inference(copy.deepcopy(n), channels_last=True, retain_memory=False)
+    prepared = [prepare_for_inference(copy.deepcopy(n), channels_last=True)
                 for n in smooth_networks]
     conv = prepared[1].unet.unet.final_conv[1]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     after = _enhance(prepared, dark_image)
     assert (after.image - before.image).abs().max() < 1e-4  # measured 3.1e-6 (rounding only)
+
+
+def test_loading_and_preparing_leave_the_allocator_alone(libc_calls):
+    """Issue 12: the library never changes the process's allocator; the command-line scripts opt in."""
+    load_for_inference(None, torch.device("cpu"))
+    prepare_for_inference(load_checkpoint(ROOT / "checkpoints" / "default.ckpt"))
+    assert libc_calls == []
 
 
 def test_bf16_autocast_stays_close_to_fp32(smooth_networks, dark_image):
@@ -139,6 +140,16 @@ def test_precision_names_are_checked():
         autocast_dtype("fp64", torch.device("cpu"))
     with pytest.raises(ValueError, match="CUDA"):
         autocast_dtype("fp16", torch.device("cpu"))
+
+
+def test_native_bf16_is_read_from_the_cpu_capabilities(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": False})
+    assert not bf16_supported(cpu)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": True})
+    assert bf16_supported(cpu) == torch.backends.mkldnn.is_available()
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    assert not bf16_supported(cpu)  # a torch that cannot tell: taken as emulated
 
 
 def test_encode_equals_the_encoder_forward(networks, dark_image):
@@ -264,3 +275,24 @@ def test_bench_quick_smoke_prints_a_speedup(capsys, monkeypatch):
         retain_freed_memory(False)  # the bench switches glibc's allocator mode for the whole process
     name, value = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert name == "speedup" and float(value) > 0
+
+
+def test_bench_quality_rows_score_as_test_py_does(networks, dark_image, monkeypatch):
+    """bench/speed.py's quality table: one row per sampler, the anchor row included, scored with
+    utils.metrics.score_pairs (what test.py and validation report) on the enhanced images."""
+    from utils.metrics import mean_scores, score_pairs, to_uint8
+
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_speed", bench)
+    spec.loader.exec_module(bench)
+    modules = nn.ModuleDict({"encoder": networks[0], "model": networks[1]}).eval()
+    high = to_uint8((dark_image[0] * 2.5).clamp(0, 1))
+    rows = bench.quality_rows(modules, [(dark_image, high)], 8, [("anchor", 1), ("ddim", 2)])
+    assert [row["name"] for row in rows] == ["anchor", "ddim-2"]
+    for row, (sampler, steps) in zip(rows, [("anchor", 1), ("ddim", 2)], strict=True):
+        image = _enhance(networks, dark_image, sampler=sampler, steps=steps,
+                         generator=torch.Generator().manual_seed(0)).image
+        expected = mean_scores(score_pairs([(image[0], high)]), ("psnr", "ssim", "lpips"))
+        assert row["psnr"] == pytest.approx(expected["psnr"]) and row["ssim"] == pytest.approx(expected["ssim"])
+    assert rows[0]["psnr"] != pytest.approx(rows[1]["psnr"])

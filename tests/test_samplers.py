@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from models.inference import enhance, pad_to_multiple, sample
+from models.inference import enhance, sample
 from models.module import AnlightenDiff, build_networks
+from models.padding import pad_to_multiple
 from models.samplers import DDIMSampler, DDPMSampler, make_sampler
 from utils.config import SamplerConfig, config_from_dict
 

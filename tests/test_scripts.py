@@ -17,7 +17,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 import test as test_script
 import test_unpaired
 import train
-from models import AnlightenDiff, inference
+from models import AnlightenDiff, tiling
 from utils.cli import UserError, run_cli
 from utils.config import config_from_dict
 
@@ -211,8 +211,8 @@ def test_test_unpaired_tiles_large_images_by_itself(tmp_path, tiny_ckpt, monkeyp
     inputs.mkdir()
     Image.fromarray((np.random.default_rng(3).random((20, 28, 3)) * 50).astype(np.uint8)).save(inputs / "big.png")
     Image.fromarray((np.random.default_rng(4).random((8, 8, 3)) * 50).astype(np.uint8)).save(inputs / "small.png")
-    per_pixel = inference.NETWORK_BYTES_PER_PIXEL[0] + inference.NETWORK_BYTES_PER_PIXEL[1] * 8
-    monkeypatch.setattr(inference, "AUTO_TILE_MEMORY", per_pixel * 16 * 16)
+    per_pixel = tiling.NETWORK_BYTES_PER_PIXEL[0] + tiling.NETWORK_BYTES_PER_PIXEL[1] * 8
+    monkeypatch.setattr(tiling, "AUTO_TILE_MEMORY", per_pixel * 16 * 16)
     tiles = []
     enhance = AnlightenDiff.enhance
     monkeypatch.setattr(AnlightenDiff, "enhance", lambda self, img, *a, **k: tiles.append(
@@ -240,6 +240,17 @@ def test_test_unpaired_tiles_large_images_by_itself(tmp_path, tiny_ckpt, monkeyp
     with pytest.raises(UserError, match="--tile must be auto, off or a tile size"):
         test_unpaired.main([*base, "--output", str(tmp_path / "o3"), "--tile", "big"])
     assert not any((tmp_path / name).exists() for name in ("capped", "o2", "o3"))
+
+
+def test_test_unpaired_opts_in_to_keeping_freed_memory(tmp_path, tiny_ckpt, libc_calls):
+    """Issue 12: the command-line scripts, not the library, set glibc's allocator to keep freed memory (CPU)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 20, np.uint8)).save(inputs / "a.png")
+    argv = ["--input", str(inputs), "--output", str(tmp_path / "out"), "--ckpt", str(tiny_ckpt), "--steps", "1",
+            "--device", "cpu"]
+    assert test_unpaired.main(argv) == 0
+    assert sorted(libc_calls) == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]  # M_MMAP_MAX, M_TRIM_THRESHOLD
 
 
 def test_test_unpaired_bf16_stays_close_to_fp32(tmp_path, tiny_ckpt):

@@ -59,6 +59,18 @@ def test_anchor_loss_weights_and_msssim():
     assert 0.01 < AnchorLoss(["msssim"], [1.0])(other, img).item() < 1.0
 
 
+def test_anchor_loss_is_float32_under_bf16_autocast():
+    """Training autocasts to bf16; the loss itself (MS-SSIM's small powers) must still be computed in float32."""
+    img = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    other = (img * 0.5 + 0.2).clamp(0, 1)
+    loss = AnchorLoss(["l1", "msssim"], [1.0, 1.0])
+    expected = loss(other, img)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = loss(other.bfloat16(), img)
+    assert autocast.dtype == torch.float32
+    assert autocast.item() == pytest.approx(expected.item(), rel=1e-2)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"stage": "encoder"}, "stage"),
     ({"optim": {"anchor_loss": ["l1", "ssim"], "anchor_loss_weights": [1.0, 1.0]}}, "ssim"),

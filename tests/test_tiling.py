@@ -21,23 +21,15 @@ from PIL import Image
 from torchvision.transforms.functional import equalize
 
 import test_unpaired
-from models import inference, load_for_inference
+from models import load_for_inference, tiling
 from models.anchor import apply_luts, condition_features, equalization_luts
-from models.inference import (
-    PaddedImage,
-    auto_tile,
-    encode,
-    enhance,
-    network_width,
-    pad_to_multiple,
-    retain_freed_memory,
-    sample,
-    tile_boxes,
-    tile_features,
-)
+from models.inference import encode, enhance, sample
+from models.padding import PaddedImage, pad_to_multiple
 from models.samplers import make_sampler
+from models.tiling import auto_tile, network_width, tile_boxes, tile_features
 from tests.conftest import ROOT
 from tests.test_inference import _smooth
+from utils.memory import retain_freed_memory
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -134,7 +126,7 @@ def test_tiling_the_bundled_model_on_a_real_photo_stays_within_its_own_shift_sen
 
 # ------------------------------------------------------------------------------------ the automatic choice
 def test_automatic_tiling_engages_above_the_threshold_and_not_below():
-    per_pixel = inference.NETWORK_BYTES_PER_PIXEL[0] + inference.NETWORK_BYTES_PER_PIXEL[1] * 8
+    per_pixel = tiling.NETWORK_BYTES_PER_PIXEL[0] + tiling.NETWORK_BYTES_PER_PIXEL[1] * 8
     memory = per_pixel * 64 * 64  # room for 4096 pixels
     choose = lambda h, w: auto_tile(h, w, model_width=8, pad_multiple=8, memory=memory)  # noqa: E731
     assert choose(64, 64) is None and choose(1, 1) is None and choose(57, 64) is None  # pads to 64 x 64
@@ -168,7 +160,7 @@ def test_default_choice_for_the_shipped_models():
 def test_padding_is_part_of_the_decision():
     img = random_image(33, 33)
     assert pad_to_multiple(img, 8).shape[-2:] == (40, 40)
-    per_pixel = inference.NETWORK_BYTES_PER_PIXEL[0] + inference.NETWORK_BYTES_PER_PIXEL[1] * 8
+    per_pixel = tiling.NETWORK_BYTES_PER_PIXEL[0] + tiling.NETWORK_BYTES_PER_PIXEL[1] * 8
     assert auto_tile(33, 33, model_width=8, pad_multiple=8, memory=per_pixel * 33 * 33) == 32
     assert auto_tile(33, 33, model_width=8, pad_multiple=8, memory=per_pixel * 40 * 40) is None
 
@@ -179,8 +171,8 @@ def test_bench_large_prints_seconds_per_megapixel(capsys, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_speed", bench)
     spec.loader.exec_module(bench)
-    per_pixel = inference.NETWORK_BYTES_PER_PIXEL[0] + inference.NETWORK_BYTES_PER_PIXEL[1] * 8
-    monkeypatch.setattr(inference, "AUTO_TILE_MEMORY", per_pixel * 32 * 32)
+    per_pixel = tiling.NETWORK_BYTES_PER_PIXEL[0] + tiling.NETWORK_BYTES_PER_PIXEL[1] * 8
+    monkeypatch.setattr(tiling, "AUTO_TILE_MEMORY", per_pixel * 32 * 32)
     overrides = ["model.unet_dim=8", "model.dim_mults=[1,2,2]", "diffusion.timesteps=10", "diffusion.pad_multiple=8",
                  "sampler.steps=10", "val_sampler.steps=10"]
     try:

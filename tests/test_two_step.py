@@ -15,6 +15,7 @@ from PIL import Image
 
 import models.inference
 import models.module
+import models.tiling
 import test as test_script
 import train
 from models import AnlightenDiff, CheckpointError, load_checkpoint
@@ -145,7 +146,7 @@ def test_untiled_enhance_and_encode_give_the_modules_anchor():
 
 def test_no_copy_of_the_anchor_formula_outside_models_anchor():
     """Issue 12: one function computes the anchor; the module and the tiling path call it."""
-    for source in (inspect.getsource(models.inference), inspect.getsource(models.module)):
+    for source in (inspect.getsource(module) for module in (models.inference, models.tiling, models.module)):
         assert "sigmoid" not in source and "3:6" not in source and "(1 - zeta)" not in source
     assert "anchor_from_features" in inspect.getsource(models.inference.encode)
     assert "anchor_from_features" in inspect.getsource(AnlightenDiff.anchor)
