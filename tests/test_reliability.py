@@ -945,3 +945,46 @@ def test_scripts_started_by_the_tests_get_default_signal_dispositions(tmp_path, 
         signal.signal(ignored, previous)
     assert code == 0, err
     assert (tmp_path / "out.txt").read_text().split() == ["True", "True"]
+
+
+class _GradientSpike(pytorch_lightning.LightningModule):
+    """One weight vector; at step ``spike`` the loss stays finite but its gradient is NaN: d/dw |w - w|^0.5 is
+    inf * 0, as a power below 1 of a term that reaches 0 gives."""
+
+    def __init__(self, spike: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(4))
+        self.spike = spike
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.seen.append(self.w.detach().clone())
+        loss = ((self.w - batch.mean()) ** 2).sum()
+        if self.global_step == self.spike:
+            loss = loss + (self.w - self.w.detach()).abs().pow(0.5).sum()
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=2)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_step_with_non_finite_gradients_is_skipped(skip: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    from utils.training import SkipNonFiniteGradients
+
+    module, callback = _GradientSpike(spike=1), SkipNonFiniteGradients()
+    trainer = pytorch_lightning.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                         callbacks=[callback] if skip else [])
+    trainer.fit(module)
+    before_spike, after_spike, last = module.seen
+    if not skip:  # what the callback prevents: one such step and the weights are NaN for good
+        assert torch.isnan(last).all()
+        return
+    assert callback.skipped == 1 and "step 1: non-finite gradients, step skipped" in capsys.readouterr().err
+    assert torch.isfinite(module.w).all()
+    assert torch.equal(after_spike, last)  # the spiking step left the weights as they were
+    assert not torch.equal(before_spike, after_spike) and not torch.equal(last, module.w.detach())

@@ -257,6 +257,33 @@ def save_last_checkpoint(trainer: pl.Trainer, ckpt: ModelCheckpoint) -> Path:
     return path
 
 
+class SkipNonFiniteGradients(Callback):
+    """Skip an optimiser step whose gradients are not all finite, as torch's GradScaler does under fp16: the
+    gradients are dropped (``None``), so the optimiser leaves those parameters and their moments as they are.
+
+    A finite loss can have non-finite gradients: a power below 1 of a term that reaches 0 (MS-SSIM's contrast terms
+    raised to its betas) has an unbounded derivative there. Each skip is reported on stderr; ``skipped`` counts
+    them."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        norms = torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])
+        if torch.isfinite(norms).all():
+            return
+        for p in params:
+            p.grad = None
+        self.skipped += 1
+        if trainer.is_global_zero:
+            print(f"step {trainer.global_step}: non-finite gradients, step skipped ({self.skipped} so far)",
+                  file=sys.stderr)
+
+
 def keeps_best_checkpoint(config: Config, has_validation: bool) -> bool:
     """Whether training keeps the best checkpoint on the monitored validation metric (else only last.ckpt)."""
     return has_validation and config.trainer.save_top_k != 0
@@ -279,7 +306,7 @@ def build_callbacks(config: Config, checkpoint_dir: Path, has_validation: bool, 
     callbacks: list[Callback] = [last, LearningRateMonitor(logging_interval="step"),
                                  GracefulStop(last, trainer.checkpoint_every_n_steps),
                                  SaveFinalCheckpoint(last, trainer.checkpoint_every_n_steps),
-                                 ResumableRandomness(config.seed)]
+                                 ResumableRandomness(config.seed), SkipNonFiniteGradients()]
     if keeps_best_checkpoint(config, has_validation):
         best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{step}", monitor=trainer.monitor,
                                mode=trainer.monitor_mode, save_top_k=trainer.save_top_k, save_last=False,
