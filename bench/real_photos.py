@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -29,8 +30,10 @@ import torch
 from skimage import color, exposure
 from tqdm import tqdm
 
-from models import load_for_inference
-from utils.image_io import list_images, read_image, save_grid
+from models import CheckpointError, load_for_inference
+from utils.cli import UserError, ensure_output_dir, run_cli
+from utils.config import SamplerName
+from utils.image_io import ImageReadError, OutputExistsError, list_images, read_image, save_grid
 from utils.memory import retain_freed_memory_for
 
 BLOWN_Y = 250.0
@@ -120,13 +123,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dark", nargs="*", default=[], help="folders/files of dark photos")
     parser.add_argument("--lit", nargs="*", default=[], help="folders/files of well-lit photos")
     parser.add_argument("--ckpt", help="checkpoint (default: the bundled one)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim", "anchor"), help="override the checkpoint's sampler")
+    parser.add_argument("--sampler", choices=typing.get_args(SamplerName), help="override the checkpoint's sampler")
     parser.add_argument("--niqe", type=Path, default=Path("../shared/tools/niqe.py"), help="NIQE implementation")
     parser.add_argument("--no-baselines", action="store_true", help="the model only")
     parser.add_argument("--tile-pixels", type=int, default=2_500_000, help="tile images larger than this")
     parser.add_argument("--tile", type=int, default=768, help="tile size for large images")
     parser.add_argument("--grid", type=Path, help="write input | HE | model grid of the dark photos here")
     parser.add_argument("--grid-height", type=int, default=160, help="grid row height in pixels")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
     return parser.parse_args(argv)
 
 
@@ -135,7 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     niqe = load_niqe(args.niqe)
     dark, lit = list_images(args.dark) if args.dark else [], list_images(args.lit) if args.lit else []
     if not dark and not lit:
-        raise SystemExit("error: no photos: give --dark and/or --lit folders")
+        raise UserError("no photos: give --dark and/or --lit folders")
+    if args.grid is not None:  # checked before hours of work, not after
+        if args.grid.exists() and not args.overwrite:
+            raise UserError(f"{args.grid} exists; pass --overwrite to replace it")
+        ensure_output_dir(args.grid.parent, "--grid")
     methods = {} if args.no_baselines else dict(BASELINES)
     methods["this project"] = model_method(args.ckpt, args.sampler, args.tile_pixels, args.tile)
     print(f"{len(dark)} dark + {len(lit)} well-lit photos")
@@ -151,10 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         he = kept.get("histogram equalisation (V)") or {}
         rows = [[read_image(p).rgb, he.get(str(p), equalise_v(read_image(p).rgb.astype(np.float64))),
                  kept["this project"][str(p)]] for p in dark]
-        save_grid(args.grid, rows, height=args.grid_height)
+        save_grid(args.grid, rows, height=args.grid_height, overwrite=args.overwrite)
         print(f"grid: {args.grid}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, (CheckpointError, ImageReadError, OutputExistsError)))
