@@ -75,9 +75,10 @@ def sample_images(folder: Path) -> list[Path]:
 def checked_sampler(model: AnlightenDiff, base: SamplerConfig, sampler: str, steps: int) -> SamplerConfig:
     """``base`` with this sampler and step count (ddpm: every timestep), validated like the command-line
     flags and refused (UserError) where ``model`` cannot run it."""
-    if sampler not in model.samplers:
-        raise UserError(f"sampler {sampler}: this checkpoint runs only {', '.join(model.samplers)} "
-                        f"(its noise predictor was never trained)")
+    try:
+        model.require_sampler(sampler)
+    except CheckpointError as err:
+        raise UserError(str(err)) from None
     timesteps = model.config.diffusion.timesteps
     chosen = argparse.Namespace(sampler=sampler, steps=timesteps if sampler == "ddpm" else steps, eta=None,
                                 seed=None)

@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_for_inference(ckpt, device)
     retain_freed_memory_for(device)  # this script owns the process: keep freed memory (CPU)
     sampler = sampler_from_args(args, model.config.sampler, model.config.diffusion.timesteps)  # its recommended one
+    model.require_sampler(sampler.sampler)  # before any output is written
     lpips_model = build_lpips("alex", device=device) if lpips_available("alex") else None
     if lpips_model is None:
         print(f"LPIPS: null ({missing_weights_message('alex').splitlines()[0]})", file=sys.stderr)

@@ -189,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_for_inference(args.ckpt, device)
     retain_freed_memory_for(device)  # this script owns the process: keep freed memory (CPU)
     sampler = sampler_from_args(args, model.config.sampler, model.config.diffusion.timesteps)  # its recommended one
+    model.require_sampler(sampler.sampler)  # before any output is written
     check_tiling(args.tile, args.tile_overlap, model.config.diffusion.pad_multiple)
     if args.grid and Path(args.grid).exists() and not args.overwrite:
         raise UserError(f"--grid {args.grid} already exists; pass --overwrite to replace it")

@@ -18,6 +18,7 @@ model with its recommended sampler) it prints, in one Markdown table:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 import typing
@@ -85,7 +86,8 @@ def model_method(ckpt: str | None, sampler: str | None, tile_pixels: int,
     retain_freed_memory_for(device)  # this script owns the process: keep freed memory (CPU)
     config = model.config.sampler
     if sampler is not None:
-        config = type(config)(**{**config.__dict__, "sampler": sampler})
+        config = dataclasses.replace(config, sampler=sampler)
+    model.require_sampler(config.sampler)
 
     def enhance(rgb: np.ndarray) -> np.ndarray:
         img = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))[None]

@@ -43,6 +43,7 @@ from data.datasets import DatasetError, DatasetNotFoundError, pair_files
 from models import CheckpointError, build_networks, load_checkpoint
 from models.anchor import condition_features
 from models.inference import encode, enhance, sample
+from models.module import runnable_samplers
 from models.padding import pad_to_multiple
 from models.precision import bf16_supported
 from models.preparation import prepare_for_inference
@@ -508,8 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pairs:
         pairs = load_pairs(args.pairs, args.max_pairs, device)
         samplers = [("ddpm", timesteps), ("anchor", 1)] + [("ddim", s) for s in step_counts]
-        if config.stage != "diffusion":  # the noise predictor of an anchor or he stage was never trained
-            samplers = [("anchor", 1)]
+        samplers = [(name, steps) for name, steps in samplers if name in runnable_samplers(config)]
         print("\n".join(quality_table(quality_rows(default, pairs, pad_multiple, samplers))), flush=True)
     if args.tile:
         print("\n".join(tile_lines(default, args, pad_multiple, fast_steps, device)), flush=True)

@@ -109,6 +109,12 @@ def monitor_needs_lpips(config: Config, has_validation: bool) -> bool:
     return bool(monitor_users(config, has_validation)) and config.trainer.monitor in LPIPS_METRICS
 
 
+def runnable_samplers(config: Config) -> tuple[str, ...]:
+    """The samplers a model of this config can run: all of them after a ``diffusion`` stage; only ``anchor`` when
+    its noise predictor was never trained (a checkpoint of stage ``anchor`` or ``he``)."""
+    return get_args(SamplerName) if config.stage == "diffusion" else ("anchor",)
+
+
 class AnlightenDiff(pl.LightningModule):
     """``model`` is the GaussianDiffusion (its UNet is ``model.unet``), ``encoder`` the anchor encoder,
     ``he_network`` the TS variant's HE network H (None without ``model.he_network``); the FS prefixes match the
@@ -180,18 +186,22 @@ class AnlightenDiff(pl.LightningModule):
 
     @property
     def samplers(self) -> tuple[str, ...]:
-        """The samplers this model can run: all of them after a ``diffusion`` stage; only ``anchor`` when its
-        noise predictor was never trained (a checkpoint of stage ``anchor`` or ``he``)."""
-        return get_args(SamplerName) if self.config.stage == "diffusion" else ("anchor",)
+        """The samplers this model can run (:func:`runnable_samplers` of its config)."""
+        return runnable_samplers(self.config)
+
+    def require_sampler(self, name: str) -> None:
+        """A CheckpointError unless this model can run sampler ``name``: what the scripts check before any work,
+        and :meth:`enhance` again."""
+        if name not in self.samplers:
+            from models.checkpoint import CheckpointError  # models.checkpoint imports this module
+
+            raise CheckpointError(f"this checkpoint runs only {', '.join(self.samplers)}, not {name}: its noise "
+                                  f"predictor was never trained (it comes from the {self.config.stage} stage)")
 
     def enhance(self, img_lr: torch.Tensor, sampler: SamplerConfig | None = None, **kwargs: Any) -> Enhanced:
         """Enhance (B, 3, H, W) images in [0, 1] with a sampler config (default: ``config.sampler``)."""
         sampler = sampler or self.config.sampler
-        if sampler.sampler not in self.samplers:
-            from models.checkpoint import CheckpointError  # models.checkpoint imports this module
-
-            raise CheckpointError(f"this model's noise predictor was never trained (it comes from a "
-                                  f"{self.config.stage}-stage run): use the anchor sampler, not {sampler.sampler}")
+        self.require_sampler(sampler.sampler)
         # without DRDS, x_T itself is noise (see GaussianDiffusion.sampling_start)
         stochastic = sampler.sampler == "ddpm" or sampler.eta > 0 or not self.config.diffusion.use_center_sampler
         generator = None

@@ -173,3 +173,7 @@ def test_scripts_default_to_the_checkpoints_recommended_sampler(tmp_path):
     assert run_cli(test_unpaired.main, test_unpaired.USER_ERRORS, argv) == 0  # ddim would be refused
     assert run_cli(test_unpaired.main, test_unpaired.USER_ERRORS, [*argv, "--sampler", "ddim", "--steps", "2",
                                                                    "--overwrite"]) == 2
+    refused = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "new"), "--ckpt", str(ckpt),
+               "--sampler", "ddim", "--steps", "2"]
+    assert run_cli(test_unpaired.main, test_unpaired.USER_ERRORS, refused) == 2
+    assert not (tmp_path / "new").exists()  # refused before any output was made
