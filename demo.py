@@ -81,7 +81,7 @@ def checked_sampler(model: AnlightenDiff, base: SamplerConfig, sampler: str, ste
         raise UserError(str(err)) from None
     timesteps = model.config.diffusion.timesteps
     chosen = argparse.Namespace(sampler=sampler, steps=timesteps if sampler == "ddpm" else steps, eta=None,
-                                seed=None)
+                                seed=None, detail=None)
     return sampler_from_args(chosen, base, timesteps)
 
 

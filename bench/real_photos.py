@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from models import CheckpointError, load_for_inference
 from utils.cli import UserError, ensure_output_dir, run_cli
-from utils.config import SamplerName
+from utils.config import DetailName, SamplerName
 from utils.image_io import ImageReadError, OutputExistsError, list_images, read_image, save_grid
 from utils.memory import retain_freed_memory_for
 
@@ -79,14 +79,18 @@ def load_niqe(path: Path) -> ModuleType:
     return module
 
 
-def model_method(ckpt: str | None, sampler: str | None, tile_pixels: int,
-                 tile: int) -> Callable[[np.ndarray], np.ndarray]:
+def model_method(ckpt: str | None, sampler: str | None, tile_pixels: int, tile: int,
+                 detail: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The checkpoint with its recommended sampler settings (``sampler`` and ``detail`` override them) as a
+    function of an HxWx3 float image in [0, 1]; tiled above ``tile_pixels``."""
     device = torch.device("cpu")
     model = load_for_inference(ckpt, device)
     retain_freed_memory_for(device)  # this script owns the process: keep freed memory (CPU)
     config = model.config.sampler
     if sampler is not None:
         config = dataclasses.replace(config, sampler=sampler)
+    if detail is not None:
+        config = dataclasses.replace(config, detail=detail)
     model.require_sampler(config.sampler)
 
     def enhance(rgb: np.ndarray) -> np.ndarray:
@@ -126,6 +130,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lit", nargs="*", default=[], help="folders/files of well-lit photos")
     parser.add_argument("--ckpt", help="checkpoint (default: the bundled one)")
     parser.add_argument("--sampler", choices=typing.get_args(SamplerName), help="override the checkpoint's sampler")
+    parser.add_argument("--detail", choices=typing.get_args(DetailName), help="override the checkpoint's detail")
     parser.add_argument("--niqe", type=Path, default=Path("../shared/tools/niqe.py"), help="NIQE implementation")
     parser.add_argument("--no-baselines", action="store_true", help="the model only")
     parser.add_argument("--tile-pixels", type=int, default=2_500_000, help="tile images larger than this")
@@ -147,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"{args.grid} exists; pass --overwrite to replace it")
         ensure_output_dir(args.grid.parent, "--grid")
     methods = {} if args.no_baselines else dict(BASELINES)
-    methods["this project"] = model_method(args.ckpt, args.sampler, args.tile_pixels, args.tile)
+    methods["this project"] = model_method(args.ckpt, args.sampler, args.tile_pixels, args.tile, args.detail)
     print(f"{len(dark)} dark + {len(lit)} well-lit photos")
     print("| method | NIQE all | NIQE dark | dark: mean Y | lit: brightness change | lit: newly blown out (%) "
           "| lit: colour shift |\n|---|---|---|---|---|---|---|")

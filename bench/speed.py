@@ -297,15 +297,15 @@ def load_pairs(folder: Path, limit: int | None, device: torch.device) -> list[tu
 
 
 def quality_rows(networks: nn.ModuleDict, pairs: list[tuple[torch.Tensor, np.ndarray]], pad_multiple: int,
-                 samplers: list[tuple[str, int]]) -> list[dict[str, Any]]:
+                 samplers: list[tuple[str, int]], detail: str = "model") -> list[dict[str, Any]]:
     """Mean PSNR/SSIM/LPIPS (:func:`utils.metrics.score_pairs`, what test.py reports) and seconds per image of
-    each (sampler, steps) with the default setting."""
+    each (sampler, steps) with the default setting, ``detail`` as the checkpoint recommends (``sampler.detail``)."""
     lpips_model = build_lpips("alex", device=pairs[0][0].device) if lpips_available("alex") else None
     rows = []
     for sampler, steps in samplers:
         outputs, seconds = [], 0.0
         for low, high in pairs:
-            image, spent = time_enhance(networks, DEFAULT, low, pad_multiple, sampler, steps)
+            image, spent = time_enhance(networks, DEFAULT, low, pad_multiple, sampler, steps, detail=detail)
             outputs.append((image[0].float().cpu(), high))
             seconds += spent
         mean = mean_scores(score_pairs(outputs, lpips_model), ("psnr", "ssim", "lpips"))
@@ -459,7 +459,7 @@ def large_lines(networks: nn.ModuleDict, config: Config, sizes: list[tuple[int, 
         reset_peak_memory(device)
         cpu_start = time.process_time()
         _, seconds = time_enhance(networks, DEFAULT, img, pad_multiple, "ddim", fast_steps, tile=tile,
-                                  tile_overlap=overlap)
+                                  tile_overlap=overlap, detail=config.sampler.detail)
         cpu = time.process_time() - cpu_start
         mpix = height * width / 1e6
         per_mpix = seconds / mpix
@@ -510,7 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pairs = load_pairs(args.pairs, args.max_pairs, device)
         samplers = [("ddpm", timesteps), ("anchor", 1)] + [("ddim", s) for s in step_counts]
         samplers = [(name, steps) for name, steps in samplers if name in runnable_samplers(config)]
-        print("\n".join(quality_table(quality_rows(default, pairs, pad_multiple, samplers))), flush=True)
+        rows = quality_rows(default, pairs, pad_multiple, samplers, config.sampler.detail)
+        print("\n".join(quality_table(rows)), flush=True)
     if args.tile:
         print("\n".join(tile_lines(default, args, pad_multiple, fast_steps, device)), flush=True)
     print(cpu_share_line(wall_start, cpu_start))

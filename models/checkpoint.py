@@ -3,7 +3,9 @@ layout of its two-step (TS) ``twostep_final.ckpt``."""
 
 from __future__ import annotations
 
+import argparse
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch
 
 from models.module import AnlightenDiff
 from models.preparation import prepare_for_inference
-from utils.config import Config, ConfigError, config_from_dict
+from utils.config import Config, ConfigError, apply_overrides, config_from_dict
 from utils.image_io import atomic_write
 
 WEIGHT_NORM_NAMES = {"weight_g": "parametrizations.weight.original0",
@@ -248,20 +250,37 @@ def _listing(title: str, keys: list[str], limit: int = 10) -> str:
     return f"  {title} ({len(keys)}): {', '.join(keys[:limit])}{more}\n"
 
 
-def export_checkpoint(source: str | Path, target: str | Path) -> Path:
+def export_checkpoint(source: str | Path, target: str | Path, overrides: Sequence[str] = ()) -> Path:
     """Write a small inference checkpoint: the model's tensors and its config, no optimizer or loop state.
+    ``overrides`` (``section.key=value``, e.g. ``sampler.detail=input``) change the config it carries, such as
+    the recommended sampler settings; the result is validated.
 
-    ``python -m models.checkpoint SOURCE TARGET`` does this from the command line.
+    ``python -m models.checkpoint SOURCE TARGET [--set section.key=value ...]`` does this from the command line.
     """
     module = load_checkpoint(source)
-    content = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-               "exported_from": Path(source).name}
+    hparams = dict(module.hparams)
+    if overrides:
+        try:
+            hparams["config"] = config_from_dict(apply_overrides(hparams["config"], overrides)).to_dict()
+        except ConfigError as err:
+            raise CheckpointError(f"--set: {err}") from None
+    content = {"state_dict": module.state_dict(), "hyper_parameters": hparams, "exported_from": Path(source).name}
     return atomic_write(target, lambda tmp: torch.save(content, tmp), overwrite=False)
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a training checkpoint as a small inference checkpoint.")
+    parser.add_argument("source", help="a checkpoint of train.py (or any this project loads)")
+    parser.add_argument("target", help="the file to write (refused if it exists)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change the carried config, e.g. --set sampler.detail=input (repeatable)")
+    args = parser.parse_args(argv)
+    print(f"wrote {export_checkpoint(args.source, args.target, args.overrides)}")
+    return 0
 
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m models.checkpoint SOURCE.ckpt TARGET.ckpt")
-    print(f"wrote {export_checkpoint(sys.argv[1], sys.argv[2])}")
+
+if __name__ == "__main__":
+    from utils.cli import run_cli
+    from utils.image_io import OutputExistsError
+
+    raise SystemExit(run_cli(main, (CheckpointError, OutputExistsError)))

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from models.anchor import AnchorEncoder, HENetwork, anchor_from_features, condition_features
+from models.detail import transfer_detail
 from models.diffusion import GaussianDiffusion
 from models.padding import PaddedImage, pad_to_multiple
 from models.precision import precision_context
@@ -132,11 +133,14 @@ def enhance(
     tile_overlap: int = 64,
     inference_mode: bool = True,
     he_network: HENetwork | None = None,
+    detail: str = "model",
 ) -> Enhanced:
     """Enhance (B, 3, H, W) low-light images in [0, 1] of any size (padded, then cropped back).
 
     ``he_network``: the TS variant's HE network H, which the anchor then includes (see
-    :func:`models.anchor.anchor_from_features`).
+    :func:`models.anchor.anchor_from_features`). ``detail="input"``: the image's fine detail and, where it is
+    lit, its colours come from the input, re-exposed by the model (:func:`models.detail.transfer_detail`, on
+    the whole image after tiling); ``"model"``: the network's pixels as they are.
 
     ``precision``: fp32 | bf16 | fp16 autocast of the networks. ``tile``: run on overlapping tiles of this
     size (a multiple of ``pad_multiple``), blended over ``tile_overlap`` px, for bounded memory (see
@@ -165,4 +169,7 @@ def enhance(
             image, anchor = enhance_tiled(PaddedImage(img_lr, pad_multiple), enhance_tile, tile=tile,
                                           overlap=tile_overlap, steps=steps_per_tile, generator=generator,
                                           callback=callback)
-        return Enhanced(image=image[..., :height, :width], anchor=anchor.clamp_(0, 1)[..., :height, :width])
+        image = image[..., :height, :width]
+        if detail == "input":
+            image = transfer_detail(img_lr, image)
+        return Enhanced(image=image, anchor=anchor.clamp_(0, 1)[..., :height, :width])

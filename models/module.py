@@ -209,7 +209,7 @@ class AnlightenDiff(pl.LightningModule):
             generator = torch.Generator(device=img_lr.device).manual_seed(sampler.seed)
         return enhance(self.encoder, self.model, img_lr, sampler=sampler.sampler, steps=sampler.steps,
                        eta=sampler.eta, pad_multiple=self.config.diffusion.pad_multiple, generator=generator,
-                       he_network=self.he_network, **kwargs)
+                       he_network=self.he_network, detail=sampler.detail, **kwargs)
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

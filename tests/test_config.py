@@ -116,7 +116,8 @@ def test_sampler_and_val_sampler_are_validated_alike(section, settings, key):
 
 @pytest.mark.parametrize("settings, key", BAD_SAMPLERS)
 def test_the_flags_and_make_sampler_refuse_what_the_config_refuses(settings, key):
-    args = argparse.Namespace(sampler=settings["sampler"], steps=settings["steps"], eta=settings.get("eta"), seed=None)
+    args = argparse.Namespace(sampler=settings["sampler"], steps=settings["steps"], eta=settings.get("eta"), seed=None,
+                              detail=None)
     with pytest.raises(UserError, match=rf"^--{key}\b"):
         sampler_from_args(args, SamplerConfig(), 10)
     _, diffusion = build_networks(config_from_dict({**SMALL, "sampler": {"sampler": "ddim", "steps": 2},

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from utils.config import PRECISIONS, ConfigError, SamplerConfig, SamplerName, check_sampler
+from utils.config import PRECISIONS, ConfigError, DetailName, SamplerConfig, SamplerName, check_sampler
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -114,6 +114,10 @@ def add_inference_args(parser: argparse.ArgumentParser, defaults: SamplerConfig 
                              f"{d.eta if d else 'the config'})")
     parser.add_argument("--seed", type=int, default=d and d.seed,
                         help="seed of the sampler's noise, for reproducible stochastic sampling")
+    parser.add_argument("--detail", choices=typing.get_args(DetailName), default=d and d.detail,
+                        help="where fine detail comes from: model (the network's pixels, the paper) or input (the "
+                             "photo's own detail and, where lit, its colours, re-exposed by the model; "
+                             f"models/detail.py) (default: {d.detail if d else 'the config'})")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="network arithmetic: fp32 (default, exact); bf16 or fp16 autocast, faster on CUDA "
@@ -129,7 +133,7 @@ def check_precision(precision: str, device: torch.device) -> str:
 
 def sampler_from_args(args: argparse.Namespace, base: SamplerConfig, timesteps: int) -> SamplerConfig:
     """``base`` with the sampler flags of :func:`add_inference_args` that were given, validated."""
-    given = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "seed") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "seed", "detail") if getattr(args, k) is not None}
     sampler = dataclasses.replace(base, **given)
     try:
         check_sampler(sampler, timesteps, "--")

@@ -31,6 +31,9 @@ class ConfigError(ValueError):
 BetaSchedule = Literal["cosine", "linear"]
 """``diffusion.beta_schedule`` (models/schedule.py)."""
 SamplerName = Literal["ddpm", "ddim", "anchor"]
+DetailName = Literal["model", "input"]
+"""Where the output's fine detail comes from: ``model`` (the network's pixels, the paper) or ``input`` (the
+photo's own detail and colours re-exposed by the model, models/detail.py)."""
 """``sampler.sampler`` and ``val_sampler.sampler``, the scripts' ``--sampler`` (models/samplers.py)."""
 Stage = Literal["anchor", "he", "diffusion"]
 """``stage``: what a training run trains (models/module.py)."""
@@ -105,6 +108,8 @@ class SamplerConfig:
     steps: int = 100
     eta: float = 0.0
     seed: int | None = 0
+    detail: DetailName = "model"
+    """``input``: the final step of models/detail.py (the photo's own detail, re-exposed by the model)."""
 
 
 FAST_SAMPLER = SamplerConfig(sampler="ddim", steps=4, eta=0.0, seed=0)
