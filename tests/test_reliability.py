@@ -476,7 +476,7 @@ def test_test_py_records_config_checkpoint_versions_and_machine(world, capsys):
                                     "sha256": hashlib.sha256(world.ckpt.read_bytes()).hexdigest()}
     assert report["config"]["data"]["test_folder"] == str(world.pairs)
     assert report["config"]["sampler"]["sampler"] == "ddpm"  # the config's, as loaded; the run's sampler below
-    assert report["sampler"] == {"sampler": "ddim", "steps": 2, "eta": 0.0, "seed": 0}
+    assert report["sampler"] == {"sampler": "ddim", "steps": 2, "eta": 0.0, "seed": 0, "detail": "model"}
     assert report["model_config"]["model"]["unet_dim"] == 8
     env = report["environment"]
     assert env["torch"] == torch.__version__ and env["pytorch_lightning"] == pytorch_lightning.__version__
