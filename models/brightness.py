@@ -27,6 +27,7 @@ the nearest reachable brightness is returned.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -64,6 +65,13 @@ def linear_to_srgb(img: torch.Tensor) -> torch.Tensor:
     """The sRGB transfer function, for linear values in [0, 1]."""
     img = img.clamp(0, 1)
     return torch.where(img <= 0.0031308, img * 12.92, 1.055 * img ** (1 / 2.4) - 0.055)
+
+
+def row_chunks(img: torch.Tensor) -> Iterator[slice]:
+    """Row slices of (..., H, W) of about :data:`CHUNK_PIXELS` pixels each (bounded temporary memory)."""
+    rows = max(1, CHUNK_PIXELS // max(1, img.shape[-1]))
+    for top in range(0, img.shape[-2], rows):
+        yield slice(top, top + rows)
 
 
 def mean_luminance(img: torch.Tensor) -> torch.Tensor:
@@ -124,7 +132,6 @@ def match_brightness(img: torch.Tensor, target: float | None) -> torch.Tensor:
     target = check_target(target)
     gain = solve_gain(img, target)
     out = torch.empty_like(img)
-    rows = max(1, CHUNK_PIXELS // max(1, img.shape[-1]))
-    for top in range(0, img.shape[-2], rows):
-        out[..., top: top + rows, :] = expose(img[..., top: top + rows, :], gain)
+    for rows in row_chunks(img):
+        out[..., rows, :] = expose(img[..., rows, :], gain)
     return out
