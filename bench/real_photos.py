@@ -104,7 +104,7 @@ def model_method(ckpt: str | None, sampler: str | None, tile_pixels: int, tile: 
 
 
 def evaluate(method: Callable[[np.ndarray], np.ndarray], dark: Sequence[Path], lit: Sequence[Path],
-             niqe: ModuleType, keep: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+             niqe: ModuleType, keep: dict[str, np.ndarray] | None = None) -> dict[str, float | None]:
     niqe_dark, niqe_lit, y_dark, lit_rows = [], [], [], []
     for path in tqdm(list(dark) + list(lit), leave=False, desc="photos"):
         src = read_image(path).rgb.astype(np.float64)
@@ -118,10 +118,23 @@ def evaluate(method: Callable[[np.ndarray], np.ndarray], dark: Sequence[Path], l
         else:
             niqe_lit.append(score)
             lit_rows.append(lit_figures(out, src))
-    return {"niqe_all": float(np.mean(niqe_dark + niqe_lit)), "niqe_dark": float(np.mean(niqe_dark)),
-            "dark_Y": float(np.mean(y_dark)),
-            **{k: float(np.mean([r[k] for r in lit_rows])) if lit_rows else float("nan")
-               for k in ("brightness_change", "newly_blown_pct", "colour_shift")}}
+    return {"niqe_all": _mean(niqe_dark + niqe_lit), "niqe_dark": _mean(niqe_dark), "dark_Y": _mean(y_dark),
+            **{k: _mean([r[k] for r in lit_rows]) for k in ("brightness_change", "newly_blown_pct", "colour_shift")}}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    """The mean, or None for a group of photos that was not given."""
+    return float(np.mean(values)) if values else None
+
+
+def table_row(name: str, r: dict[str, float | None]) -> str:
+    """One markdown row of :func:`evaluate`'s figures; ``-`` where a group of photos was not given."""
+    def cell(key: str, spec: str) -> str:
+        return "-" if r[key] is None else format(r[key], spec)
+
+    cells = [cell("niqe_all", ".2f"), cell("niqe_dark", ".2f"), cell("dark_Y", ".1f"),
+             cell("brightness_change", "+.1f"), cell("newly_blown_pct", "+.1f"), cell("colour_shift", ".1f")]
+    return f"| {name} | " + " | ".join(cells) + " |"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -160,8 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, method in methods.items():
         kept[name] = {}
         r = evaluate(method, dark, lit, niqe, kept[name])
-        print(f"| {name} | {r['niqe_all']:.2f} | {r['niqe_dark']:.2f} | {r['dark_Y']:.1f} | "
-              f"{r['brightness_change']:+.1f} | {r['newly_blown_pct']:+.1f} | {r['colour_shift']:.1f} |", flush=True)
+        print(table_row(name, r), flush=True)
     if args.grid is not None and dark:
         he = kept.get("histogram equalisation (V)") or {}
         rows = [[read_image(p).rgb, he.get(str(p), equalise_v(read_image(p).rgb.astype(np.float64))),

@@ -41,9 +41,9 @@ from torch import nn
 
 from data.datasets import DatasetError, DatasetNotFoundError, pair_files
 from models import CheckpointError, build_networks, load_checkpoint
-from models.anchor import condition_features
+from models.anchor import HENetwork, condition_features
 from models.inference import encode, enhance, sample
-from models.module import runnable_samplers
+from models.module import build_he_network, runnable_samplers
 from models.padding import pad_to_multiple
 from models.precision import bf16_supported
 from models.preparation import prepare_for_inference
@@ -172,8 +172,8 @@ def time_once(networks: nn.ModuleDict, setting: Setting, img: torch.Tensor, pad_
     steps = make_sampler(diffusion, "ddim", timed_steps)
     apply_allocator(setting, device)
     with torch.inference_mode() if setting.inference_mode else torch.no_grad():
-        (center, feats), encoder_s = timed(lambda: encode(encoder, condition_features(padded), setting.precision),
-                                           device)
+        (center, feats), encoder_s = timed(lambda: encode(encoder, condition_features(padded), setting.precision,
+                                                                  he_network(networks)), device)
         _, steps_s, steps_cpu_s = timed_cpu(lambda: sample(
             diffusion, steps, padded, center, feats, precision=setting.precision,
             inference_mode=setting.inference_mode), device)
@@ -219,7 +219,8 @@ def time_enhance(networks: nn.ModuleDict, setting: Setting, img: torch.Tensor, p
     generator = torch.Generator(device=img.device).manual_seed(0)
     result, seconds = timed(lambda: enhance(
         networks["encoder"], networks["model"], img, sampler=sampler, steps=steps, pad_multiple=pad_multiple,
-        generator=generator, precision=setting.precision, inference_mode=setting.inference_mode, **kwargs),
+        generator=generator, precision=setting.precision, inference_mode=setting.inference_mode,
+        he_network=he_network(networks), **kwargs),
         img.device)
     return result.image, seconds
 
@@ -259,7 +260,8 @@ def header(networks: nn.ModuleDict, device: torch.device, size: tuple[int, int],
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return [f"machine: {cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads{gpu}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
-            f"model: UNet {params['model'] / 1e6:.2f} M + encoder {params['encoder'] / 1e6:.2f} M parameters "
+            f"model: UNet {params['model'] / 1e6:.2f} M + encoder {params['encoder'] / 1e6:.2f} M"
+            + (f" + HE network {params['he_network'] / 1e6:.2f} M" if "he_network" in params else "") + " parameters "
             f"({weights:.2f} GiB as built), T={config.diffusion.timesteps}; image {size[1]}x{size[0]} (WxH) "
             f"on {device}"]
 
@@ -378,14 +380,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace, device: torch.device) -> tuple[nn.ModuleDict, Config]:
-    """The networks (from --ckpt, else random weights from the config) and their config."""
+    """The networks (from --ckpt, else random weights from the config) and their config: ``encoder``,
+    ``model`` (the diffusion) and, for the TS variant, ``he_network``."""
     if args.ckpt:
         module = load_checkpoint(args.ckpt, map_location="cpu")
-        return nn.ModuleDict({"encoder": module.encoder, "model": module.model}).to(device).eval(), module.config
-    config = load_config(args.cfg, args.overrides)
-    torch.manual_seed(config.seed)
-    encoder, diffusion = build_networks(config)
-    return nn.ModuleDict({"encoder": encoder, "model": diffusion}).to(device).eval(), config
+        encoder, diffusion, he, config = module.encoder, module.model, module.he_network, module.config
+    else:
+        config = load_config(args.cfg, args.overrides)
+        torch.manual_seed(config.seed)
+        (encoder, diffusion), he = build_networks(config), build_he_network(config)
+    networks = nn.ModuleDict({"encoder": encoder, "model": diffusion})
+    if he is not None:
+        networks["he_network"] = he
+    return networks.to(device).eval(), config
+
+
+def he_network(networks: nn.ModuleDict) -> HENetwork | None:
+    """The TS variant's HE network among ``networks`` (part of the anchor), or None."""
+    return networks["he_network"] if "he_network" in networks else None
 
 
 def test_image(height: int, width: int, device: torch.device) -> torch.Tensor:

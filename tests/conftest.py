@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
+import sys
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -52,6 +54,16 @@ def train_steps(module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def load_bench(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``bench/<name>.py`` imported as module ``bench_<name>`` (bench/ is a folder of scripts, not a package),
+    registered in ``sys.modules`` for the test only (its dataclasses need their module)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

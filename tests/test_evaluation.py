@@ -3,9 +3,7 @@ the same images and the same model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import test as test_script
 from data.datamodule import LowLightDataModule
 from data.datasets import pair_files
 from models import load_for_inference
-from tests.conftest import ROOT
+from tests.conftest import load_bench
 from tests.test_scripts import make_pairs, tiny_ckpt  # noqa: F401  (tiny_ckpt: a fixture)
 from utils.lpips import build_lpips, lpips_available
 from utils.metrics import METRICS, mean_scores, score_pair
@@ -36,10 +34,7 @@ def test_validation_test_py_and_the_benchmark_agree(tmp_path, tiny_ckpt, monkeyp
                          enable_model_summary=False)
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
 
-    spec = importlib.util.spec_from_file_location("bench_baselines", ROOT / "bench" / "baselines.py")
-    baselines = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_baselines", baselines)
-    spec.loader.exec_module(baselines)
+    baselines = load_bench("baselines", monkeypatch)
 
     def enhance(rgb: np.ndarray) -> np.ndarray:
         img = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]

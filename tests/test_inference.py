@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
-import sys
 import warnings
 
 import pytest
@@ -21,7 +19,7 @@ from models.precision import autocast_dtype, bf16_supported
 from models.preparation import fold_weight_norm, prepare_for_inference
 from models.tiling import blend_weights, tile_boxes, tile_starts
 from models.unet import NoiseUNet
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, load_bench
 from utils.memory import retain_freed_memory
 
 
@@ -263,10 +261,7 @@ def test_enhance_is_deterministic_with_a_seeded_generator(networks, dark_image, 
 
 # ------------------------------------------------------------------------------------------- bench
 def test_bench_quick_smoke_prints_a_speedup(capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_speed", bench)
-    spec.loader.exec_module(bench)
+    bench = load_bench("speed", monkeypatch)
     overrides = [f"model.unet_dim={TINY['model']['unet_dim']}", "model.dim_mults=[1,2,2]",
                  "diffusion.timesteps=10", "diffusion.pad_multiple=8", "sampler.steps=10", "val_sampler.steps=10"]
     try:
@@ -282,10 +277,7 @@ def test_bench_quality_rows_score_as_test_py_does(networks, dark_image, monkeypa
     utils.metrics.score_pairs (what test.py and validation report) on the enhanced images."""
     from utils.metrics import mean_scores, score_pairs, to_uint8
 
-    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_speed", bench)
-    spec.loader.exec_module(bench)
+    bench = load_bench("speed", monkeypatch)
     modules = nn.ModuleDict({"encoder": networks[0], "model": networks[1]}).eval()
     high = to_uint8((dark_image[0] * 2.5).clamp(0, 1))
     rows = bench.quality_rows(modules, [(dark_image, high)], 8, [("anchor", 1), ("ddim", 2)])

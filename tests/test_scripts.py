@@ -18,6 +18,7 @@ import test as test_script
 import test_unpaired
 import train
 from models import AnlightenDiff, tiling
+from tests.conftest import load_bench
 from utils.cli import UserError, run_cli
 from utils.config import config_from_dict
 
@@ -268,3 +269,14 @@ def test_test_unpaired_bf16_stays_close_to_fp32(tmp_path, tiny_ckpt):
         outputs[precision] = np.asarray(Image.open(out / "a.png")).astype(int)
     difference = np.abs(outputs["bf16"] - outputs["fp32"])
     assert 0 < difference.max() and difference.mean() < 3  # bf16 really ran, and changed little (8-bit levels)
+
+
+def test_real_photos_table_marks_a_group_not_given(monkeypatch):
+    """bench/real_photos.py with only dark (or only well-lit) photos: '-' in the other group's columns, not nan."""
+    bench = load_bench("real_photos", monkeypatch)
+    dark_only = {"niqe_all": 5.444, "niqe_dark": 5.444, "dark_Y": 112.24, "brightness_change": None,
+                 "newly_blown_pct": None, "colour_shift": None}
+    assert bench.table_row("m", dark_only) == "| m | 5.44 | 5.44 | 112.2 | - | - | - |"
+    lit_only = {"niqe_all": 4.0, "niqe_dark": None, "dark_Y": None, "brightness_change": 1.44,
+                "newly_blown_pct": -0.66, "colour_shift": 5.27}
+    assert bench.table_row("m", lit_only) == "| m | 4.00 | - | - | +1.4 | -0.7 | 5.3 |"

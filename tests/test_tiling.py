@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import sys
 
 import numpy as np
 import pytest
@@ -28,7 +26,7 @@ from models.inference import encode, enhance, sample
 from models.padding import PaddedImage, pad_to_multiple
 from models.samplers import make_sampler
 from models.tiling import auto_tile, network_width, tile_boxes, tile_features
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_bench
 from tests.test_inference import _smooth
 from utils.memory import retain_freed_memory
 
@@ -170,10 +168,7 @@ def test_padding_is_part_of_the_decision():
 
 def test_bench_large_prints_seconds_per_megapixel(capsys, monkeypatch):
     """bench/speed.py --large: the large-image section alone, tiled as test_unpaired.py tiles."""
-    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_speed", bench)
-    spec.loader.exec_module(bench)
+    bench = load_bench("speed", monkeypatch)
     per_pixel = tiling.NETWORK_BYTES_PER_PIXEL[0] + tiling.NETWORK_BYTES_PER_PIXEL[1] * 8
     monkeypatch.setattr(tiling, "AUTO_TILE_MEMORY", per_pixel * 32 * 32)
     overrides = ["model.unet_dim=8", "model.dim_mults=[1,2,2]", "diffusion.timesteps=10", "diffusion.pad_multiple=8",

@@ -23,10 +23,11 @@ from models.anchor import HENetwork, anchor_from_features, condition_features, e
 from models.checkpoint import export_checkpoint
 from models.inference import encode
 from models.module import build_he_network, build_networks, missing_earlier_stage
-from tests.conftest import TINY, train_steps
+from tests.conftest import TINY, load_bench, train_steps
 from tests.test_checkpoint import SCALE, _official_layout
 from utils.cli import UserError
 from utils.config import Config, ConfigError, config_from_dict, load_config
+from utils.memory import retain_freed_memory
 from utils.metrics import center_crop_boxes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,6 +289,33 @@ def test_the_last_stages_checkpoint_is_the_inference_checkpoint(tmp_path):
         with torch.no_grad():
             assert torch.equal(loaded.anchor(low)[0], module.anchor(low)[0])
     assert any(k.startswith("he_network.") for k in torch.load(small, weights_only=True)["state_dict"])
+
+
+def test_bench_speed_runs_a_ts_checkpoint_with_its_he_network(tmp_path, monkeypatch):
+    """bench/speed.py --ckpt on a TS checkpoint times and scores the anchor with H in it, as test.py enhances
+    (it used to drop H and report the anchor and the samplers of another model)."""
+    import types
+
+    from utils.metrics import mean_scores, score_pairs, to_uint8
+
+    bench = load_bench("speed", monkeypatch)
+    module = _module(TS_TINY).eval()
+    _perturb(module.he_network, 4)
+    networks, _ = bench.build(types.SimpleNamespace(ckpt=str(_save(module, tmp_path / "ts.ckpt"))), torch.device("cpu"))
+    assert set(networks) == {"encoder", "model", "he_network"}
+    low = _image(16, 24)
+    high = to_uint8((low[0] * 2.5).clamp(0, 1))
+    try:
+        rows = bench.quality_rows(networks, [(low, high)], module.config.diffusion.pad_multiple, [("anchor", 1)])
+    finally:
+        retain_freed_memory(False)  # the bench switches glibc's allocator mode for the whole process
+    with torch.no_grad():
+        expected = mean_scores(score_pairs([(module.anchor(low)[0].clamp(0, 1)[0], high)]), ("psnr", "ssim"))
+        without_h = mean_scores(score_pairs([(module.encoder(low)[0].clamp(0, 1)[0], high)]),
+                                ("psnr",))
+    assert rows[0]["psnr"] == pytest.approx(expected["psnr"], abs=1e-3)
+    assert rows[0]["ssim"] == pytest.approx(expected["ssim"], abs=1e-4)
+    assert rows[0]["psnr"] != pytest.approx(without_h["psnr"], abs=1e-3)
 
 
 @pytest.mark.slow
