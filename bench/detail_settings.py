@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from real_photos import load_niqe, model_method  # bench/ is on sys.path when run as a script
+from real_photos import load_niqe, model_method, to_array, to_tensor  # bench/ is on sys.path when run as a script
 from tqdm import tqdm
 
 from data.datasets import pair_files
@@ -43,14 +42,6 @@ SETTINGS: dict[str, DetailTransfer | None] = {
     "... above 2 sigma (default)": DetailTransfer(),
     "... above 3 sigma": DetailTransfer(noise_k=3.0),
 }
-
-
-def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))[None]
-
-
-def to_array(img: torch.Tensor) -> np.ndarray:
-    return img[0].numpy().transpose(1, 2, 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -79,6 +79,16 @@ def load_niqe(path: Path) -> ModuleType:
     return module
 
 
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """HxWx3 image in [0, 1] -> (1, 3, H, W) float32 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))[None]
+
+
+def to_array(img: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) tensor -> HxWx3 float64 array."""
+    return img[0].numpy().transpose(1, 2, 0).astype(np.float64)
+
+
 def model_method(ckpt: str | None, sampler: str | None, tile_pixels: int, tile: int,
                  detail: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """The checkpoint with its recommended sampler settings (``sampler`` and ``detail`` override them) as a
@@ -94,11 +104,10 @@ def model_method(ckpt: str | None, sampler: str | None, tile_pixels: int, tile: 
     model.require_sampler(config.sampler)
 
     def enhance(rgb: np.ndarray) -> np.ndarray:
-        img = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))[None]
+        img = to_tensor(rgb)
         big = img.shape[-1] * img.shape[-2] > tile_pixels
         with torch.inference_mode():
-            out = model.enhance(img, config, tile=tile if big else None).image[0]
-        return out.numpy().transpose(1, 2, 0).astype(np.float64)
+            return to_array(model.enhance(img, config, tile=tile if big else None).image)
 
     return enhance
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -294,14 +295,12 @@ def test_the_last_stages_checkpoint_is_the_inference_checkpoint(tmp_path):
 def test_bench_speed_runs_a_ts_checkpoint_with_its_he_network(tmp_path, monkeypatch):
     """bench/speed.py --ckpt on a TS checkpoint times and scores the anchor with H in it, as test.py enhances
     (it used to drop H and report the anchor and the samplers of another model)."""
-    import types
-
     from utils.metrics import mean_scores, score_pairs, to_uint8
 
     bench = load_bench("speed", monkeypatch)
     module = _module(TS_TINY).eval()
     _perturb(module.he_network, 4)
-    networks, _ = bench.build(types.SimpleNamespace(ckpt=str(_save(module, tmp_path / "ts.ckpt"))), torch.device("cpu"))
+    networks, _ = bench.build(SimpleNamespace(ckpt=str(_save(module, tmp_path / "ts.ckpt"))), torch.device("cpu"))
     assert set(networks) == {"encoder", "model", "he_network"}
     low = _image(16, 24)
     high = to_uint8((low[0] * 2.5).clamp(0, 1))
