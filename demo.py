@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -16,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from models import AnlightenDiff, CheckpointError, load_for_inference
 from models.brightness import BRIGHTNESS_RANGE, check_target, match_brightness
-from models.tiling import auto_tile, network_width, tile_boxes
+from models.tiling import automatic_tiling, tile_count, tile_overlap_for
+from models.tiling import check_tile as check_tile_size
 from utils.cli import UserError, add_inference_args, check_precision, resolve_device, run_cli, sampler_from_args
 from utils.config import SamplerConfig
-from utils.image_io import ImageReadError, LoadedImage, list_images, read_image, save_png
+from utils.image_io import ImageReadError, LoadedImage, list_images, read_image, save_png, to_array, to_tensor
 from utils.memory import retain_freed_memory_for
 
 try:
@@ -122,16 +121,6 @@ def load_upload(path: Path, name: str, max_pixels: int) -> LoadedImage:
     return loaded
 
 
-def to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
-    """HxWx3 float array in [0, 1] -> (1, 3, H, W) tensor on ``device``."""
-    return torch.from_numpy(rgb).permute(2, 0, 1)[None].to(device)
-
-
-def to_array(img: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) tensor in [0, 1] -> HxWx3 float32 array."""
-    return img[0].permute(1, 2, 0).float().cpu().numpy()
-
-
 def preview(rgb: np.ndarray) -> np.ndarray:
     """``rgb`` (HxWx3 in [0, 1]) as shown on the page: itself, or shrunk to a longest side of
     PREVIEW_MAX_SIDE (a 24-megapixel PNG would be slow to encode and to send)."""
@@ -146,19 +135,22 @@ def preview(rgb: np.ndarray) -> np.ndarray:
 
 def check_tile(tile: int, pad_multiple: int) -> int:
     """The tile field's value (0: automatic); a page error for a size the model cannot tile with."""
-    if tile < 0 or tile % pad_multiple:
-        raise refusal(f"The tile size must be a multiple of {pad_multiple} (or 0 for automatic), got {tile}.")
+    if tile:
+        try:
+            check_tile_size(tile, tile_overlap_for(tile, MAX_TILE_OVERLAP), pad_multiple, ("The tile size", ""))
+        except ValueError as err:
+            raise refusal(f"{err} (or 0 for automatic).") from None
     return tile
 
 
 def tile_options(tile: int, model: AnlightenDiff, height: int, width: int) -> dict[str, int]:
     """Keyword arguments of tiled enhancement for a ``height`` x ``width`` image (overlap: a quarter of the
-    tile, at most 64 px): tiles of ``tile`` px, or for 0 those of :func:`models.tiling.auto_tile`, which
+    tile, at most 64 px): tiles of ``tile`` px, or for 0 those of :func:`models.tiling.automatic_tiling`, which
     leaves images that fit in one piece untiled (no arguments)."""
     if tile == 0:
-        tile = auto_tile(height, width, model_width=network_width(model.config.model),
-                         pad_multiple=model.config.diffusion.pad_multiple) or 0
-    return {"tile": tile, "tile_overlap": min(MAX_TILE_OVERLAP, tile // 4)} if tile else {}
+        tile = automatic_tiling(height, width, model.config.model, model.config.diffusion.pad_multiple,
+                                MAX_TILE_OVERLAP)[0] or 0
+    return {"tile": tile, "tile_overlap": tile_overlap_for(tile, MAX_TILE_OVERLAP)} if tile else {}
 
 
 def progress_callback(progress: Callable[..., Any], tiling: dict[str, int], size: tuple[int, int],
@@ -167,8 +159,7 @@ def progress_callback(progress: Callable[..., Any], tiling: dict[str, int], size
     the tile being enhanced when tiled."""
     if not tiling:
         return lambda i, n: progress((i, n), desc="sampling")
-    padded = [math.ceil(side / pad_multiple) * pad_multiple for side in size]
-    count = len(tile_boxes(*padded, tiling["tile"], tiling["tile_overlap"]))
+    count = tile_count(*size, tiling["tile"], tiling["tile_overlap"], pad_multiple)
     return lambda i, n: progress((i, n), desc=f"tile {(max(i, 1) - 1) * count // n + 1} of {count}")
 
 

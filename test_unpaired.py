@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from models import AnlightenDiff, CheckpointError, load_for_inference
 from models.brightness import BRIGHTNESS_RANGE, check_target, match_brightness
-from models.tiling import auto_tile, network_width, tile_boxes
+from models.tiling import automatic_tiling, check_tile, tile_count
 from utils.cli import (
     UserError,
     add_inference_args,
@@ -34,6 +31,8 @@ from utils.image_io import (
     read_image,
     save_grid,
     save_png,
+    to_array,
+    to_tensor,
 )
 from utils.memory import retain_freed_memory_for
 
@@ -117,10 +116,10 @@ def check_tiling(tile: int | str | None, overlap: int, pad_multiple: int) -> Non
         raise UserError(f"--tile-overlap must be >= 0, got {overlap}")
     if tile is None or tile == "auto":
         return
-    if tile < pad_multiple or tile % pad_multiple:
-        raise UserError(f"--tile must be a positive multiple of {pad_multiple} (the model's padding), got {tile}")
-    if not 0 <= overlap < tile:
-        raise UserError(f"--tile-overlap must be in [0, --tile) = [0, {tile}), got {overlap}")
+    try:
+        check_tile(tile, overlap, pad_multiple, names=("--tile", "--tile-overlap"))
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def output_paths(inputs: Sequence[str], files: Sequence[Path], output: Path) -> dict[Path, Path]:
@@ -139,32 +138,23 @@ def output_paths(inputs: Sequence[str], files: Sequence[Path], output: Path) -> 
 
 def tiling_for(args: argparse.Namespace, model: AnlightenDiff, height: int, width: int) -> tuple[int | None, int]:
     """(tile size or None, overlap) for a ``height`` x ``width`` image: --tile's, or with ``auto``
-    :func:`models.tiling.auto_tile`'s choice (the overlap at most a quarter of the tile)."""
+    :func:`models.tiling.automatic_tiling`'s choice (the overlap at most a quarter of the tile)."""
     if args.tile != "auto":
         return args.tile, args.tile_overlap
-    config = model.config
-    tile = auto_tile(height, width, model_width=network_width(config.model),
-                     pad_multiple=config.diffusion.pad_multiple)
-    return tile, min(args.tile_overlap, (tile or 0) // 4)
+    return automatic_tiling(height, width, model.config.model, model.config.diffusion.pad_multiple, args.tile_overlap)
 
 
 def tile_progress(height: int, width: int, pad_multiple: int, tile: int, overlap: int, name: str
                   ) -> tuple[tqdm, Callable[[int, int], None]]:
     """A progress bar counting the tiles of a ``height`` x ``width`` image and the enhancement callback (steps
     done of all tiles' steps) that advances it."""
-    padded = (math.ceil(n / pad_multiple) * pad_multiple for n in (height, width))
-    count = len(tile_boxes(*padded, tile, overlap))
+    count = tile_count(height, width, tile, overlap, pad_multiple)
     bar = tqdm(total=count, desc=f"{name}: tiles", unit="tile", leave=False)
 
     def advance(done: int, total: int) -> None:
         bar.update(done * count // total - bar.n)
 
     return bar, advance
-
-
-def to_array(img: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) tensor -> HxWx3 float32 array clipped to [0, 1]."""
-    return np.clip(img[0].permute(1, 2, 0).float().cpu().numpy(), 0, 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tqdm.write(f"skipped: {err}")
             failures += 1
             continue
-        img = torch.from_numpy(loaded.rgb).permute(2, 0, 1)[None].to(device)
+        img = to_tensor(loaded.rgb, device)
         tile, overlap = tiling_for(args, model, *img.shape[-2:])
         bar, progress = (None, None) if tile is None else tile_progress(
             *img.shape[-2:], model.config.diffusion.pad_multiple, tile, overlap, file.name)

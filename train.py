@@ -18,7 +18,7 @@ from data.datamodule import datamodule_from_config
 from data.datasets import DatasetError, DatasetNotFoundError
 from models import AnlightenDiff, CheckpointError
 from models.checkpoint import load_earlier_stage, read_checkpoint
-from models.module import check_monitor, missing_earlier_stage
+from models.stages import has_unused_trained_parameters, missing_earlier_stage
 from utils.cli import UserError, ensure_output_dir, run_cli
 from utils.config import Config, ConfigError, config_from_dict, load_config
 from utils.image_io import ImagePathNotFoundError, ImageReadError
@@ -28,6 +28,7 @@ from utils.training import (
     TrainingInterrupted,
     build_callbacks,
     build_trainer,
+    check_monitor,
     keeps_best_checkpoint,
 )
 
@@ -138,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     callbacks = build_callbacks(config, run_dir / "checkpoints", has_validation,
                                 run_dir=None if args.fast_dev_run else run_dir, resumed=ckpt_path is not None)
     try:
-        trainer = build_trainer(config, logger, callbacks, fast_dev_run=args.fast_dev_run)
+        trainer = build_trainer(config, logger, callbacks, fast_dev_run=args.fast_dev_run,
+                                find_unused_parameters=has_unused_trained_parameters(config))
     except MisconfigurationException as err:
         raise UserError(f"trainer settings: {err}") from None
     try:

@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from real_photos import load_niqe, model_method, to_array, to_tensor  # bench/ is on sys.path when run as a script
+from real_photos import load_niqe, model_method  # bench/ is on sys.path when run as a script
 from tqdm import tqdm
 
 from data.datasets import pair_files
 from models import CheckpointError
 from models.detail import DetailTransfer, transfer_detail
 from utils.cli import UserError, run_cli
-from utils.image_io import ImageReadError, list_images, read_image
+from utils.image_io import ImageReadError, list_images, read_image, to_array, to_tensor
 from utils.lpips import build_lpips, lpips_available
 from utils.metrics import mean_scores, score_pairs
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from models import CheckpointError, load_for_inference
 from utils.cli import UserError, ensure_output_dir, run_cli
 from utils.config import DetailName, SamplerName
-from utils.image_io import ImageReadError, OutputExistsError, list_images, read_image, save_grid
+from utils.image_io import ImageReadError, OutputExistsError, list_images, read_image, save_grid, to_array, to_tensor
 from utils.memory import retain_freed_memory_for
 
 BLOWN_Y = 250.0
@@ -79,16 +79,6 @@ def load_niqe(path: Path) -> ModuleType:
     return module
 
 
-def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """HxWx3 image in [0, 1] -> (1, 3, H, W) float32 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))[None]
-
-
-def to_array(img: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) tensor -> HxWx3 float64 array."""
-    return img[0].numpy().transpose(1, 2, 0).astype(np.float64)
-
-
 def model_method(ckpt: str | None, sampler: str | None, tile_pixels: int, tile: int,
                  detail: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """The checkpoint with its recommended sampler settings (``sampler`` and ``detail`` override them) as a
@@ -107,7 +97,7 @@ def model_method(ckpt: str | None, sampler: str | None, tile_pixels: int, tile: 
         img = to_tensor(rgb)
         big = img.shape[-1] * img.shape[-2] > tile_pixels
         with torch.inference_mode():
-            return to_array(model.enhance(img, config, tile=tile if big else None).image)
+            return to_array(model.enhance(img, config, tile=tile if big else None).image).astype(np.float64)
 
     return enhance
 

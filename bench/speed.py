@@ -37,21 +37,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from data.datasets import DatasetError, DatasetNotFoundError, pair_files
-from models import CheckpointError, build_networks, load_checkpoint
-from models.anchor import HENetwork, condition_features
-from models.inference import encode, enhance, sample
-from models.module import build_he_network, runnable_samplers
+from models import CheckpointError, load_checkpoint
+from models.anchor import condition_features
+from models.anchored_diffusion import AnchoredDiffusion
+from models.build import build_method
+from models.inference import encode, sample
 from models.padding import pad_to_multiple
 from models.precision import bf16_supported
 from models.preparation import prepare_for_inference
-from models.samplers import make_sampler
-from models.tiling import auto_tile, network_width, tile_boxes
+from models.stages import runnable_samplers
+from models.tiling import automatic_tiling, tile_count
 from utils.cli import UserError, resolve_device, run_cli
 from utils.config import FAST_SAMPLER, Config, ConfigError, load_config
-from utils.image_io import ImagePathNotFoundError, ImageReadError, read_image
+from utils.image_io import ImagePathNotFoundError, ImageReadError, read_image, to_tensor
 from utils.lpips import build_lpips, lpips_available
 from utils.memory import release_memory, retain_freed_memory
 from utils.metrics import mean_scores, score_pairs, to_uint8
@@ -150,7 +150,7 @@ def peak_memory(device: torch.device) -> int:
     return _proc_status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def prepared_copy(networks: nn.ModuleDict, setting: Setting, device: torch.device) -> nn.ModuleDict:
+def prepared_copy(networks: AnchoredDiffusion, setting: Setting, device: torch.device) -> AnchoredDiffusion:
     """A deep copy of the networks with the setting's optimisations applied (the original is untouched)."""
     return prepare_for_inference(copy.deepcopy(networks), device, fold=setting.fold,
                                  channels_last=setting.channels_last, compile=setting.compile)
@@ -162,25 +162,25 @@ def apply_allocator(setting: Setting, device: torch.device) -> None:
         retain_freed_memory(setting.retain_memory)
 
 
-def time_once(networks: nn.ModuleDict, setting: Setting, img: torch.Tensor, pad_multiple: int,
+def time_once(networks: AnchoredDiffusion, setting: Setting, img: torch.Tensor, pad_multiple: int,
               timed_steps: int) -> tuple[float, float, float]:
     """(encoder seconds, seconds and CPU seconds per sampling step) of one encoder run and ``timed_steps``
     DDIM steps."""
     device = img.device
-    encoder, diffusion = networks["encoder"], networks["model"]
+    encoder, diffusion = networks.encoder, networks.model
     padded = pad_to_multiple(img, pad_multiple)
-    steps = make_sampler(diffusion, "ddim", timed_steps)
+    steps = networks.sampler("ddim", timed_steps)
     apply_allocator(setting, device)
     with torch.inference_mode() if setting.inference_mode else torch.no_grad():
-        (center, feats), encoder_s = timed(lambda: encode(encoder, condition_features(padded), setting.precision,
-                                                                  he_network(networks)), device)
+        (anchor, feats), encoder_s = timed(lambda: encode(encoder, condition_features(padded), setting.precision,
+                                                          networks.he_network), device)
         _, steps_s, steps_cpu_s = timed_cpu(lambda: sample(
-            diffusion, steps, padded, center, feats, precision=setting.precision,
+            diffusion, steps, padded, anchor, feats, precision=setting.precision,
             inference_mode=setting.inference_mode), device)
     return encoder_s, steps_s / timed_steps, steps_cpu_s / timed_steps
 
 
-def first_call(networks: nn.ModuleDict, setting: Setting, img: torch.Tensor, pad_multiple: int
+def first_call(networks: AnchoredDiffusion, setting: Setting, img: torch.Tensor, pad_multiple: int
                ) -> tuple[float, int]:
     """(seconds, working-memory bytes) of the first encoder + one-step call, from a trimmed heap."""
     apply_allocator(setting, img.device)
@@ -198,7 +198,7 @@ def round_order(settings: list[Setting], round_index: int) -> list[Setting]:
     return plain + retaining[shift:] + retaining[:shift]
 
 
-def measure_settings(networks: nn.ModuleDict, settings: list[Setting], img: torch.Tensor, pad_multiple: int,
+def measure_settings(networks: AnchoredDiffusion, settings: list[Setting], img: torch.Tensor, pad_multiple: int,
                      rounds: int, timed_steps: int) -> dict[Setting, Timing]:
     """A first call of every setting, then ``rounds`` round-robin timed rounds (load changes on a shared
     machine then hit all settings alike); best times."""
@@ -212,16 +212,14 @@ def measure_settings(networks: nn.ModuleDict, settings: list[Setting], img: torc
     return {s: Timing(*(min(t[i] for t in times[s]) for i in range(3)), *first[s]) for s in settings}
 
 
-def time_enhance(networks: nn.ModuleDict, setting: Setting, img: torch.Tensor, pad_multiple: int,
+def time_enhance(networks: AnchoredDiffusion, setting: Setting, img: torch.Tensor, pad_multiple: int,
                  sampler: str, steps: int, **kwargs: Any) -> tuple[torch.Tensor, float]:
     """(enhanced image, seconds) of one end-to-end :func:`enhance` call."""
     apply_allocator(setting, img.device)
     generator = torch.Generator(device=img.device).manual_seed(0)
-    result, seconds = timed(lambda: enhance(
-        networks["encoder"], networks["model"], img, sampler=sampler, steps=steps, pad_multiple=pad_multiple,
-        generator=generator, precision=setting.precision, inference_mode=setting.inference_mode,
-        he_network=he_network(networks), **kwargs),
-        img.device)
+    result, seconds = timed(lambda: networks.enhance(
+        img, networks.sampler(sampler, steps), generator=generator, precision=setting.precision,
+        inference_mode=setting.inference_mode, **kwargs), img.device)
     return result.image, seconds
 
 
@@ -252,8 +250,8 @@ def settings_to_measure(args: argparse.Namespace, device: torch.device) -> tuple
 
 
 # ------------------------------------------------------------------------------------------- report
-def header(networks: nn.ModuleDict, device: torch.device, size: tuple[int, int], config: Config) -> list[str]:
-    params = {name: sum(p.numel() for p in net.parameters()) for name, net in networks.items()}
+def header(networks: AnchoredDiffusion, device: torch.device, size: tuple[int, int], config: Config) -> list[str]:
+    params = {name: sum(p.numel() for p in net.parameters()) for name, net in networks.named_children()}
     weights = sum(p.numel() * p.element_size() for p in networks.parameters()) / GIB
     cpu = platform.processor() or platform.machine()
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -293,12 +291,12 @@ def load_pairs(folder: Path, limit: int | None, device: torch.device) -> list[tu
     pairs = pair_files(folder / "low", folder / "high")[:limit]
     loaded = []
     for low_path, high_path in pairs:
-        low = torch.from_numpy(read_image(low_path).rgb).permute(2, 0, 1)[None].to(device)
+        low = to_tensor(read_image(low_path).rgb, device)
         loaded.append((low, to_uint8(read_image(high_path).rgb)))
     return loaded
 
 
-def quality_rows(networks: nn.ModuleDict, pairs: list[tuple[torch.Tensor, np.ndarray]], pad_multiple: int,
+def quality_rows(networks: AnchoredDiffusion, pairs: list[tuple[torch.Tensor, np.ndarray]], pad_multiple: int,
                  samplers: list[tuple[str, int]], detail: str = "model") -> list[dict[str, Any]]:
     """Mean PSNR/SSIM/LPIPS (:func:`utils.metrics.score_pairs`, what test.py reports) and seconds per image of
     each (sampler, steps) with the default setting, ``detail`` as the checkpoint recommends (``sampler.detail``)."""
@@ -379,25 +377,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build(args: argparse.Namespace, device: torch.device) -> tuple[nn.ModuleDict, Config]:
-    """The networks (from --ckpt, else random weights from the config) and their config: ``encoder``,
-    ``model`` (the diffusion) and, for the TS variant, ``he_network``."""
+def build(args: argparse.Namespace, device: torch.device) -> tuple[AnchoredDiffusion, Config]:
+    """The method (from --ckpt, else random weights from the config) and its config: the anchor encoder, the
+    diffusion and, for the TS variant, the HE network."""
     if args.ckpt:
         module = load_checkpoint(args.ckpt, map_location="cpu")
-        encoder, diffusion, he, config = module.encoder, module.model, module.he_network, module.config
+        method, config = module.method, module.config
     else:
         config = load_config(args.cfg, args.overrides)
         torch.manual_seed(config.seed)
-        (encoder, diffusion), he = build_networks(config), build_he_network(config)
-    networks = nn.ModuleDict({"encoder": encoder, "model": diffusion})
-    if he is not None:
-        networks["he_network"] = he
-    return networks.to(device).eval(), config
-
-
-def he_network(networks: nn.ModuleDict) -> HENetwork | None:
-    """The TS variant's HE network among ``networks`` (part of the anchor), or None."""
-    return networks["he_network"] if "he_network" in networks else None
+        method = build_method(config)
+    return method.to(device).eval(), config
 
 
 def test_image(height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -405,7 +395,7 @@ def test_image(height: int, width: int, device: torch.device) -> torch.Tensor:
     return (torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)) * 0.3).to(device)
 
 
-def end_to_end(networks: nn.ModuleDict, setting: Setting, img: torch.Tensor, pad_multiple: int, sampler: str,
+def end_to_end(networks: AnchoredDiffusion, setting: Setting, img: torch.Tensor, pad_multiple: int, sampler: str,
                steps: int, repeats: int) -> tuple[float, int]:
     """(best seconds of ``repeats`` :func:`enhance` calls, process peak memory in bytes)."""
     reset_peak_memory(img.device)
@@ -413,7 +403,7 @@ def end_to_end(networks: nn.ModuleDict, setting: Setting, img: torch.Tensor, pad
     return seconds, peak_memory(img.device)
 
 
-def sampler_lines(networks: nn.ModuleDict, img: torch.Tensor, pad_multiple: int, step_counts: list[int],
+def sampler_lines(networks: AnchoredDiffusion, img: torch.Tensor, pad_multiple: int, step_counts: list[int],
                   ddpm: tuple[str, float], repeats: int) -> tuple[list[str], dict[int, float]]:
     """End-to-end seconds per image of DDIM at each step count (default setting) and the speed-up."""
     label, ddpm_s = ddpm
@@ -427,7 +417,7 @@ def sampler_lines(networks: nn.ModuleDict, img: torch.Tensor, pad_multiple: int,
     return lines, measured
 
 
-def faithful_ddpm(networks: nn.ModuleDict, timings: dict[Setting, Timing], img: torch.Tensor,
+def faithful_ddpm(networks: AnchoredDiffusion, timings: dict[Setting, Timing], img: torch.Tensor,
                   pad_multiple: int, timesteps: int, estimate: bool) -> tuple[str, float]:
     """(label, seconds per image) of faithful DDPM-T: estimated from encoder + T steps, or measured."""
     if estimate:
@@ -437,12 +427,11 @@ def faithful_ddpm(networks: nn.ModuleDict, timings: dict[Setting, Timing], img: 
     return f"ddpm-{timesteps}, faithful", seconds
 
 
-def tile_lines(networks: nn.ModuleDict, args: argparse.Namespace, pad_multiple: int, fast_steps: int,
+def tile_lines(networks: AnchoredDiffusion, args: argparse.Namespace, pad_multiple: int, fast_steps: int,
                device: torch.device) -> list[str]:
     height, width = parse_size(args.tile_image)
     img = test_image(height, width, device)
-    padded = pad_to_multiple(img, pad_multiple).shape[-2:]
-    count = len(tile_boxes(padded[0], padded[1], args.tile, args.tile_overlap))
+    count = tile_count(height, width, args.tile, args.tile_overlap, pad_multiple)
     apply_allocator(DEFAULT, device)
     reset_peak_memory(device)
     _, seconds = time_enhance(networks, DEFAULT, img, pad_multiple, "ddim", fast_steps, tile=args.tile,
@@ -452,20 +441,18 @@ def tile_lines(networks: nn.ModuleDict, args: argparse.Namespace, pad_multiple: 
             f"{peak_memory(device) / GIB:.2f} GiB"]
 
 
-def large_lines(networks: nn.ModuleDict, config: Config, sizes: list[tuple[int, int]], fast_steps: int,
+def large_lines(networks: AnchoredDiffusion, config: Config, sizes: list[tuple[int, int]], fast_steps: int,
                 device: torch.device) -> tuple[list[str], float]:
     """Each (height, width) enhanced as test_unpaired.py does by default (automatic tiling, 64 px overlap at
     most a quarter of the tile): one line each, and the last size's seconds per megapixel."""
     pad_multiple, lines, per_mpix = config.diffusion.pad_multiple, [], float("nan")
     for height, width in sizes:
         img = test_image(height, width, device)
-        tile = auto_tile(height, width, model_width=network_width(config.model), pad_multiple=pad_multiple)
-        overlap = min(64, (tile or 0) // 4)
+        tile, overlap = automatic_tiling(height, width, config.model, pad_multiple)
         if tile is None:
             how = "in one piece"
         else:
-            padded = [-(-side // pad_multiple) * pad_multiple for side in (height, width)]
-            count = len(tile_boxes(*padded, tile, overlap))
+            count = tile_count(height, width, tile, overlap, pad_multiple)
             how = f"{count} tiles of {tile} px (overlap {overlap})"
         apply_allocator(DEFAULT, device)
         reset_peak_memory(device)

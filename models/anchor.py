@@ -1,6 +1,6 @@
-"""The anchor (phi, "center"): condition features of the low-light image, the encoder E that maps them to
-an anchor image and to the feature maps the noise predictor is conditioned on, and the two-step (TS)
-variant's HE network H. :func:`anchor_from_features` is the one place the anchor is computed."""
+"""The anchor c (the paper's phi, the reference's "center"): condition features of the low-light image, the
+encoder E that maps them to an anchor image and to the feature maps the noise predictor is conditioned on, and
+the two-step (TS) variant's HE network H. :func:`anchor_from_features` is the one place the anchor is computed."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def condition_features(img_lr: torch.Tensor, luts: torch.Tensor | None = None) -
 
 
 class AnchorEncoder(UNetBackbone):
-    """Maps the condition features to the anchor phi and the per-level feature maps.
+    """Maps the condition features to the anchor c and the per-level feature maps.
 
     With ``on_res`` (the FS reference) the anchor is the equalised image plus the network's output; without
     it (the TS encoder E) the output is img_c = sigmoid(network output), which the TS variant blends with the

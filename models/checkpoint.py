@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from models.errors import CheckpointError
 from models.module import AnlightenDiff
 from models.preparation import prepare_for_inference
+from models.stages import NETWORK_NAMES, networks_from_earlier_stage
 from utils.config import Config, ConfigError, apply_overrides, config_from_dict
 from utils.image_io import atomic_write
 
@@ -20,18 +22,12 @@ WEIGHT_NORM_NAMES = {"weight_g": "parametrizations.weight.original0",
                      "weight_v": "parametrizations.weight.original1"}
 FOREIGN_PREFIXES = ("lpips.", "loss_fn_alex.")
 MODEL_PREFIXES = ("model.", "encoder.", "he_network.")
-NETWORK_NAMES = {"encoder": "anchor encoder", "he_network": "HE network"}
-"""What each state-dict prefix of this project's module holds, for messages."""
 TS_PREFIXES = {"encoder.model.": "encoder.", "histroEncoder.model.": "he_network."}
 """The TS reference's module paths (LitCond and LitHE wrap their U-Nets as ``model``) -> ours."""
 TS_ENCODER_COPY = "histroEncoder.encoder.model."
 """The TS reference saves the anchor encoder twice: LitHE holds the same encoder object (refused unless equal)."""
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default.ckpt"
 """The checkpoint trained for this project and shipped with it, used when no ``--ckpt`` is given."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or does not fit the model; the message says why."""
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -207,7 +203,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 
 def load_earlier_stage(module: AnlightenDiff, path: str | Path) -> list[str]:
     """``init_from``: load into ``module`` the networks an earlier stage's checkpoint ``path`` hands over (see
-    :meth:`AnlightenDiff.networks_from_earlier_stage`: the anchor encoder, and the HE network), strictly; returns
+    :func:`models.stages.networks_from_earlier_stage`: the anchor encoder, and the HE network), strictly; returns
     the prefixes loaded. A missing file, a missing network or one of another shape is a CheckpointError naming
     the key and the file."""
     if not Path(path).is_file():
@@ -218,8 +214,8 @@ def load_earlier_stage(module: AnlightenDiff, path: str | Path) -> list[str]:
         raise CheckpointError(f"init_from: {err}") from None
     available = {k.split(".", 1)[0] for k in state}
     loaded = []
-    for prefix, (network, required) in module.networks_from_earlier_stage(available).items():
-        what = NETWORK_NAMES[prefix]
+    for prefix, required in networks_from_earlier_stage(module.config, available).items():
+        network, what = getattr(module, prefix), NETWORK_NAMES[prefix]
         weights = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
         if not weights:
             if required:

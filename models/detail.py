@@ -1,7 +1,7 @@
 """Detail transfer: the photo's own detail and colours, re-exposed by the model (``sampler.detail: input``).
 
 A small regression network brightens and cleans a dark photo well but comes out soft, and it slightly
-repaints photos that needed no help. NIQE on real photos punishes both (issue 16). Instead of the network's
+repaints photos that needed no help. NIQE on real photos punishes both. Instead of the network's
 pixels, this final step keeps the *input's* pixels wherever they can be trusted, and uses the network for
 what it knows: how much each region should be brightened, and what to do where the input is only noise.
 With x the input and y the model's output (both sRGB in [0, 1]), Y the Rec. 709 luma and lin() the sRGB

@@ -1,4 +1,4 @@
-"""Anchored Gaussian diffusion in the residual domain: DRDA forward process, DRDS posterior."""
+"""Anchored Gaussian diffusion in the residual domain: the DRDA forward process and the DRDS posterior."""
 
 from __future__ import annotations
 
@@ -17,20 +17,38 @@ def to_signed(img: torch.Tensor) -> torch.Tensor:
 class GaussianDiffusion(nn.Module):
     """Owns the noise predictor (``unet``) and the schedule buffers; implements the process maths.
 
-    Tensors are (B, 3, H, W): ``x_start``/``x_t`` residuals in [-1, 1] (see :meth:`img2res`), ``center``
-    the anchor image in about [0, 1], ``t`` (B,) long timesteps in [0, T).
+    Tensors are (B, 3, H, W): ``x_start``/``x_t`` residuals in [-1, 1] (see :meth:`img2res`), ``anchor`` the
+    anchor image c in about [0, 1], ``t`` (B,) long timesteps in [0, T).
+
+    ``drda``: the forward process carries the anchor (Eq. 12; the reference's ``use_center``); ``drds``: the
+    posterior does (Eqs. 17-19; ``use_center_sampler``). The buffers keep the official checkpoint's names: k1 is
+    ``extra_term_coef1``, k2 ``extra_term_coef2``.
     """
 
     def __init__(self, unet: NoiseUNet, *, timesteps: int = 100, beta_schedule_name: str = "cosine",
-                 use_center: bool = True, use_center_sampler: bool = True, clip_denoised: bool = True):
+                 drda: bool = True, drds: bool = True, clip_denoised: bool = True):
         super().__init__()
         self.unet = unet
         self.num_timesteps = timesteps
-        self.use_center = use_center
-        self.use_center_sampler = use_center_sampler
+        self.drda = drda
+        self.drds = drds
         self.clip_denoised = clip_denoised
         for name, value in schedule_buffers(beta_schedule(beta_schedule_name, timesteps)).items():
             self.register_buffer(name, value.to(torch.float32))
+
+    @property
+    def k1(self) -> torch.Tensor:
+        """DRDA's k1_t (T,) (Eq. 13)."""
+        return self.extra_term_coef1
+
+    @property
+    def k2(self) -> torch.Tensor:
+        """DRDS's k2_t (T,) (Eqs. 17-19)."""
+        return self.extra_term_coef2
+
+    def alpha_bar(self, t: int) -> torch.Tensor:
+        """abar_t (a 0-d tensor) for t in [0, T), and 1 for t = -1 (the clean image, after the last step)."""
+        return self.alphas_cumprod[t] if t >= 0 else self.alphas_cumprod.new_tensor(1.0)
 
     @staticmethod
     def img2res(img_hr: torch.Tensor, img_lr: torch.Tensor) -> torch.Tensor:
@@ -42,14 +60,14 @@ class GaussianDiffusion(nn.Module):
         """Inverse of :meth:`img2res` (residual clamped to [-1, 1], image to [0, 1])."""
         return (img_lr + (res.clamp(-1, 1) + 1) / 2).clamp(0, 1)
 
-    def drda_noise(self, noise: torch.Tensor, t: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+    def drda_noise(self, noise: torch.Tensor, t: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
         """eps* = eps + k1_t c' (Eq. 13), the noise the UNet learns to predict. ``noise`` is not modified.
-        Without DRDA (``use_center`` false) eps* = eps and ``center`` is not used (it may be None)."""
-        if not self.use_center:
+        Without DRDA eps* = eps and ``anchor`` is not used (it may be None)."""
+        if not self.drda:
             return noise
-        return noise + extract(self.extra_term_coef1, t, noise.shape) * to_signed(center)
+        return noise + extract(self.k1, t, noise.shape) * to_signed(anchor)
 
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, center: torch.Tensor | None,
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, anchor: torch.Tensor | None,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
         """DRDA forward process (Eq. 12): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) (eps + k1_t c').
 
@@ -57,9 +75,9 @@ class GaussianDiffusion(nn.Module):
         """
         noise = torch.randn_like(x_start) if noise is None else noise
         return (extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * self.drda_noise(noise, t, center))
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * self.drda_noise(noise, t, anchor))
 
-    def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, center: torch.Tensor
+    def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, anchor: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DRDS posterior q(x_{t-1} | x_t, x0) (Eqs. 17-19): (mean, variance, clipped log variance).
 
@@ -67,8 +85,8 @@ class GaussianDiffusion(nn.Module):
         """
         mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
                 + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-        if self.use_center_sampler:
-            mean = mean + extract(self.extra_term_coef2, t, x_t.shape) * to_signed(center)
+        if self.drds:
+            mean = mean + extract(self.k2, t, x_t.shape) * to_signed(anchor)
         variance = extract(self.posterior_variance, t, x_t.shape)
         log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
         return mean, variance, log_variance
@@ -85,21 +103,21 @@ class GaussianDiffusion(nn.Module):
         x0_hat = self.predict_start_from_noise(x_t, t, eps_hat)
         return eps_hat, x0_hat.clamp(-1, 1) if self.clip_denoised else x0_hat
 
-    def anchor_shift(self, center: torch.Tensor) -> torch.Tensor:
+    def anchor_shift(self, anchor: torch.Tensor) -> torch.Tensor:
         """The offset s between x and the coordinates z = x - s in which the reverse process is a plain DDPM
-        posterior: c' with DRDS (``use_center_sampler``: mean = c' + coef1 (x0 - c') + coef2 (x_t - c'), since
-        k2 = 1 - coef1 - coef2), zero without it. The samplers work in these coordinates, so DDIM with eta = 1
-        over all timesteps is the DDPM/DRDS posterior for every setting of the two switches.
+        posterior: c' with DRDS (mean = c' + coef1 (x0 - c') + coef2 (x_t - c'), since k2 = 1 - coef1 - coef2),
+        zero without it. The samplers work in these coordinates, so DDIM with eta = 1 over all timesteps is the
+        DDPM/DRDS posterior for every setting of the two switches.
 
-        DRDA (``use_center``) shifts the forward process by c' in the same way; the paper's ablations switch
-        DRDA and DRDS independently, and sampling follows the posterior (DRDS), as the reference's does."""
-        return to_signed(center) if self.use_center_sampler else torch.zeros_like(center)
+        DRDA shifts the forward process by c' in the same way; the paper's ablations switch DRDA and DRDS
+        independently, and sampling follows the posterior (DRDS), as the reference's does."""
+        return to_signed(anchor) if self.drds else torch.zeros_like(anchor)
 
-    def sampling_start(self, center: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def sampling_start(self, anchor: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_T, where the reverse process starts, as the reference: the anchor c' with DRDS (no noise added),
-        otherwise ``noise``, standard-normal and shaped like ``center`` (required then)."""
-        if self.use_center_sampler:
-            return to_signed(center)
+        otherwise ``noise``, standard-normal and shaped like ``anchor`` (required then)."""
+        if self.drds:
+            return to_signed(anchor)
         if noise is None:
             raise ValueError("without DRDS (use_center_sampler: false) sampling starts from N(0, I) noise: pass it")
         return noise

@@ -1,11 +1,11 @@
 """The one inference path: low-light image in, enhanced image out (test.py, test_unpaired.py, demo, bench).
 
 :func:`enhance` pads the image (:mod:`models.padding`) or tiles it (:mod:`models.tiling`), computes the
-anchor (:func:`encode`) and runs the reverse process (:func:`sample`). Speed (each switchable, measured by
-``bench/speed.py``): the model prepared once (:func:`models.preparation.prepare_for_inference`),
-``torch.inference_mode``, bf16/fp16 autocast of the two networks (:mod:`models.precision`; the sampler's
-arithmetic stays float32) and few-step sampling, ``sampler="ddim"`` (exact in the anchor-shifted coordinates,
-see models/samplers.py).
+anchor (:func:`encode`) and runs the reverse process (:func:`sample`) with a sampler of models/samplers.py.
+Speed (each switchable, measured by ``bench/speed.py``): the model prepared once
+(:func:`models.preparation.prepare_for_inference`), ``torch.inference_mode``, bf16/fp16 autocast of the two
+networks (:mod:`models.precision`; the sampler's arithmetic stays float32) and few-step sampling, ``ddim``
+(exact in the anchor-shifted coordinates, see models/samplers.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from models.detail import transfer_detail
 from models.diffusion import GaussianDiffusion
 from models.padding import PaddedImage, pad_to_multiple
 from models.precision import precision_context
-from models.samplers import DDIMSampler, DDPMSampler, NoiseFn, make_sampler, noise_like
-from models.tiling import enhance_tiled
+from models.samplers import NoiseFn, Sampler, noise_like
+from models.tiling import check_tile, enhance_tiled
 
 
 @dataclass
@@ -55,9 +55,9 @@ def encode(encoder: AnchorEncoder, features: torch.Tensor, precision: str = "fp3
 
 def sample(
     diffusion: GaussianDiffusion,
-    sampler: DDPMSampler | DDIMSampler,
+    sampler: Sampler,
     img_lr: torch.Tensor,
-    center: torch.Tensor,
+    anchor: torch.Tensor,
     feats: Sequence[torch.Tensor],
     *,
     generator: torch.Generator | None = None,
@@ -67,18 +67,22 @@ def sample(
     inference_mode: bool = True,
 ) -> torch.Tensor:
     """Reverse process from x_T over the sampler's timesteps. Returns res2img(x0_hat) of the last step,
-    (B, 3, H, W) in [0, 1].
+    (B, 3, H, W) in [0, 1]; a sampler without timesteps (``anchor``) returns the anchor clamped to [0, 1].
 
-    x_T is the anchor c' with DRDS (``use_center_sampler``), otherwise standard-normal noise, as the reference
-    (see :meth:`GaussianDiffusion.sampling_start`). ``callback(i, n)`` is called after each of the n steps
-    (progress bars). The noise of x_T and of stochastic steps comes from ``noise_fn`` when given, else from
-    ``generator``. ``precision`` autocasts the UNet only.
+    x_T is the anchor c' with DRDS, otherwise standard-normal noise, as the reference (see
+    :meth:`GaussianDiffusion.sampling_start`). ``callback(i, n)`` is called after each of the n steps (progress
+    bars; once for the anchor). The noise of x_T and of stochastic steps comes from ``noise_fn`` when given, else
+    from ``generator``. ``precision`` autocasts the UNet only.
     """
+    if not sampler.timesteps:
+        if callback is not None:
+            callback(1, 1)
+        return anchor.clamp(0, 1)
     with _grad_free(inference_mode):
         start_noise = None
-        if not diffusion.use_center_sampler:
-            start_noise = noise_fn(center) if noise_fn is not None else noise_like(center, generator)
-        x = diffusion.sampling_start(center, start_noise)
+        if not diffusion.drds:
+            start_noise = noise_fn(anchor) if noise_fn is not None else noise_like(anchor, generator)
+        x = diffusion.sampling_start(anchor, start_noise)
         x0_hat = x
         batch = img_lr.shape[0]
         for i, t in enumerate(sampler.timesteps):
@@ -87,7 +91,7 @@ def sample(
                 _, x0_hat = diffusion.predict_start(x, t_batch, img_lr, list(feats))
             x0_hat = x0_hat.float()
             noise = noise_fn(x) if noise_fn is not None and sampler.draws_noise(t) else None
-            x = sampler.step(x0_hat, t, x, center, generator=generator, noise=noise)
+            x = sampler.step(x0_hat, t, x, anchor, generator=generator, noise=noise).prev_sample
             if callback is not None:
                 callback(i + 1, len(sampler.timesteps))
         return diffusion.res2img(x0_hat, img_lr)
@@ -101,20 +105,15 @@ class AnchorNetworks(NamedTuple):
     he_network: HENetwork | None = None
 
 
-def _enhance_full(anchor_networks: AnchorNetworks, diffusion: GaussianDiffusion,
-                  sampler: DDPMSampler | DDIMSampler | None, img: torch.Tensor, features: torch.Tensor, *,
-                  precision: str, generator: torch.Generator | None, noise_fn: NoiseFn | None,
-                  callback: Callable[[int, int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The anchor then the reverse process on one (padded) image or tile -> (image in [0, 1], raw anchor).
-    Without a sampler (``anchor``) the image is the anchor clamped to [0, 1]."""
-    center, feats = encode(anchor_networks.encoder, features, precision, anchor_networks.he_network)
-    if sampler is None:
-        if callback is not None:
-            callback(1, 1)
-        return center.clamp(0, 1), center
-    image = sample(diffusion, sampler, img, center, feats, generator=generator, callback=callback,
+def _enhance_full(anchor_networks: AnchorNetworks, diffusion: GaussianDiffusion, sampler: Sampler,
+                  img: torch.Tensor, features: torch.Tensor, *, precision: str, generator: torch.Generator | None,
+                  noise_fn: NoiseFn | None, callback: Callable[[int, int], None] | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchor then the reverse process on one (padded) image or tile -> (image in [0, 1], raw anchor)."""
+    anchor, feats = encode(anchor_networks.encoder, features, precision, anchor_networks.he_network)
+    image = sample(diffusion, sampler, img, anchor, feats, generator=generator, callback=callback,
                    precision=precision, noise_fn=noise_fn, inference_mode=torch.is_inference_mode_enabled())
-    return image, center
+    return image, anchor
 
 
 def enhance(
@@ -122,9 +121,7 @@ def enhance(
     diffusion: GaussianDiffusion,
     img_lr: torch.Tensor,
     *,
-    sampler: str = "ddpm",
-    steps: int = 100,
-    eta: float = 0.0,
+    sampler: Sampler,
     pad_multiple: int = 32,
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
@@ -135,7 +132,8 @@ def enhance(
     he_network: HENetwork | None = None,
     detail: str = "model",
 ) -> Enhanced:
-    """Enhance (B, 3, H, W) low-light images in [0, 1] of any size (padded, then cropped back).
+    """Enhance (B, 3, H, W) low-light images in [0, 1] of any size (padded, then cropped back) with ``sampler``
+    (:func:`models.samplers.make_sampler`).
 
     ``he_network``: the TS variant's HE network H, which the anchor then includes (see
     :func:`models.anchor.anchor_from_features`). ``detail="input"``: the image's fine detail and, where it is
@@ -151,21 +149,20 @@ def enhance(
     itself; the image is never padded (:class:`models.padding.PaddedImage`) and the whole image's features never
     exist (:func:`models.tiling.tile_features`).
     """
-    if tile is not None and (tile < pad_multiple or tile % pad_multiple):
-        raise ValueError(f"tile must be a positive multiple of pad_multiple={pad_multiple}, got {tile}")
+    if tile is not None:
+        check_tile(tile, tile_overlap, pad_multiple)
     height, width = img_lr.shape[-2:]
-    steps_sampler = make_sampler(diffusion, sampler, steps, eta)
     with _grad_free(inference_mode):
         anchor_networks = AnchorNetworks(encoder, he_network)
         if tile is None:
             padded = pad_to_multiple(img_lr, pad_multiple)
-            image, anchor = _enhance_full(anchor_networks, diffusion, steps_sampler, padded,
-                                          condition_features(padded), precision=precision, generator=generator,
-                                          noise_fn=None, callback=callback)
+            image, anchor = _enhance_full(anchor_networks, diffusion, sampler, padded, condition_features(padded),
+                                          precision=precision, generator=generator, noise_fn=None,
+                                          callback=callback)
         else:
-            enhance_tile = functools.partial(_enhance_full, anchor_networks, diffusion, steps_sampler,
+            enhance_tile = functools.partial(_enhance_full, anchor_networks, diffusion, sampler,
                                              precision=precision, generator=None)
-            steps_per_tile = len(steps_sampler.timesteps) if steps_sampler is not None else 1
+            steps_per_tile = max(1, len(sampler.timesteps))  # the anchor sampler reports one step
             image, anchor = enhance_tiled(PaddedImage(img_lr, pad_multiple), enhance_tile, tile=tile,
                                           overlap=tile_overlap, steps=steps_per_tile, generator=generator,
                                           callback=callback)

@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from models.anchor import equalization_luts
 
 
+def padded_size(side: int, multiple: int) -> int:
+    """A side of ``side`` pixels padded to the next multiple of ``multiple``."""
+    return math.ceil(side / multiple) * multiple
+
+
 def pad_to_multiple(img: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad (B, C, H, W) at the right/bottom to multiples of ``multiple``: reflection as the reference,
     replication where the image is too small to reflect."""
@@ -35,7 +40,7 @@ class PaddedImage:
     def __init__(self, img: torch.Tensor, multiple: int):
         self.img = img
         height, width = img.shape[-2:]
-        self.height, self.width = (math.ceil(n / multiple) * multiple for n in (height, width))
+        self.height, self.width = padded_size(height, multiple), padded_size(width, multiple)
         reflect = self.height - height < height and self.width - width < width  # as pad_to_multiple
         self.rows = padding_index(height, self.height) if reflect else torch.arange(self.height).clamp(max=height - 1)
         self.cols = padding_index(width, self.width) if reflect else torch.arange(self.width).clamp(max=width - 1)

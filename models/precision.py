@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from utils.config import PRECISIONS
+from utils.choices import precision_error
 
 NATIVE_BF16_CAPABILITIES = ("avx512_bf16", "amx_bf16", "bf16")
 """Keys of ``torch.cpu.get_capabilities()`` that mean bf16 arithmetic in hardware: AVX512-BF16 or AMX on x86,
@@ -28,13 +28,12 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision name (None for fp32); fp16 needs CUDA."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
+    """The autocast dtype of a precision name (None for fp32); a ValueError for one ``device`` cannot run
+    (:func:`utils.choices.precision_error`)."""
+    if (error := precision_error(precision, device.type)) is not None:
+        raise ValueError(error)
     if precision == "fp32":
         return None
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     if precision == "bf16" and not bf16_supported(device):
         warnings.warn(f"bf16 is emulated on this {device.type} (no native bf16): expect it to be much slower "
                       "than fp32", stacklevel=2)

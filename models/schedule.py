@@ -10,7 +10,7 @@ import typing
 
 import torch
 
-from utils.config import BetaSchedule
+from utils.choices import BetaSchedule
 
 
 def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> torch.Tensor:

@@ -25,9 +25,8 @@ from typing import Protocol
 import torch
 
 from models.anchor import condition_features
-from models.padding import PaddedImage
+from models.padding import PaddedImage, padded_size
 from models.samplers import NoiseFn
-from utils.config import ModelConfig
 
 Box = tuple[int, int, int, int]
 """A tile: (top, left, height, width) in pixels."""
@@ -63,6 +62,28 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
         return [0]
     count = math.ceil((length - tile) / (tile - overlap)) + 1
     return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def check_tile(tile: int, overlap: int, pad_multiple: int, names: tuple[str, str] = ("tile", "tile_overlap")
+               ) -> None:
+    """A ValueError unless tiles of ``tile`` px overlapping by ``overlap`` px fit networks that need sides
+    multiple of ``pad_multiple``: ``tile`` a positive multiple of it and 0 <= ``overlap`` < ``tile``. ``names``:
+    what the message calls the two (the scripts' flags or fields)."""
+    if tile < pad_multiple or tile % pad_multiple:
+        raise ValueError(f"{names[0]} must be a positive multiple of {pad_multiple} (the model's padding), "
+                         f"got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"{names[1]} must be in [0, {names[0]}) = [0, {tile}), got {overlap}")
+
+
+def tile_overlap_for(tile: int, limit: int = 64) -> int:
+    """The overlap of automatically sized tiles: a quarter of the tile, at most ``limit`` px."""
+    return min(limit, tile // 4)
+
+
+def tile_count(height: int, width: int, tile: int, overlap: int, pad_multiple: int) -> int:
+    """How many tiles a ``height`` x ``width`` image (padded to ``pad_multiple``) is enhanced in."""
+    return len(tile_boxes(padded_size(height, pad_multiple), padded_size(width, pad_multiple), tile, overlap))
 
 
 def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[Box]:
@@ -118,9 +139,17 @@ def tile_features(img: torch.Tensor | PaddedImage, box: Box, luts: torch.Tensor)
 
 
 # --------------------------------------------------------------------------------------------- the decision
-def network_width(model_config: ModelConfig) -> int:
-    """The base width that memory scales with: the wider of the noise predictor and the anchor encoder."""
-    return max(model_config.unet_dim, model_config.cond_dim or model_config.unet_dim)
+class Widths(Protocol):
+    """The config's ``model`` section, as far as memory is concerned."""
+
+    unet_dim: int
+    cond_dim: int | None
+
+
+def network_width(model: Widths) -> int:
+    """The base width that memory scales with: the wider of the noise predictor (``model.unet_dim``) and the
+    anchor encoder (``model.cond_dim``, None: the UNet's)."""
+    return max(model.unet_dim, model.cond_dim or model.unet_dim)
 
 
 def auto_tile(height: int, width: int, *, model_width: int, pad_multiple: int,
@@ -132,10 +161,17 @@ def auto_tile(height: int, width: int, *, model_width: int, pad_multiple: int,
     larger images on 1088 px tiles; the paper's model (width 64) up to 0.45 megapixels, on 640 px tiles."""
     per_pixel = NETWORK_BYTES_PER_PIXEL[0] + NETWORK_BYTES_PER_PIXEL[1] * model_width
     budget = int((AUTO_TILE_MEMORY if memory is None else memory) // per_pixel)
-    padded = math.ceil(height / pad_multiple) * pad_multiple * math.ceil(width / pad_multiple) * pad_multiple
-    if padded <= budget:
+    if padded_size(height, pad_multiple) * padded_size(width, pad_multiple) <= budget:
         return None
     return max(pad_multiple, math.isqrt(budget) // pad_multiple * pad_multiple)
+
+
+def automatic_tiling(height: int, width: int, model: Widths, pad_multiple: int, max_overlap: int = 64
+                     ) -> tuple[int | None, int]:
+    """(tile size or None, overlap) as the scripts tile a ``height`` x ``width`` image by default: the size of
+    :func:`auto_tile` for these networks, overlapping by :func:`tile_overlap_for`."""
+    tile = auto_tile(height, width, model_width=network_width(model), pad_multiple=pad_multiple)
+    return tile, tile_overlap_for(tile or 0, max_overlap)
 
 
 # --------------------------------------------------------------------------------------------- enhancing

@@ -77,8 +77,8 @@ def test_official_checkpoint_loads_strictly_and_reproduces_outputs(official_modu
     low = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([37])
     with torch.no_grad():
-        c1, f1 = official_module.anchor(low)
-        c2, f2 = loaded.anchor(low)
+        c1, f1 = official_module.method.anchor(low)
+        c2, f2 = loaded.method.anchor(low)
         e1 = official_module.model.unet(torch.zeros_like(low), t, low, f1)
         e2 = loaded.model.unet(torch.zeros_like(low), t, low, f2)
     assert torch.equal(c1, c2) and torch.equal(e1, e2)

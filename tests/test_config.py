@@ -7,7 +7,7 @@ import pytest
 from data.datamodule import DATASET_COMBINATIONS
 from data.exposure import KINDS
 from models import AnlightenDiff
-from models.module import build_networks
+from models.build import build_networks
 from models.samplers import make_sampler
 from utils.cli import UserError, sampler_from_args
 from utils.config import (
@@ -122,7 +122,7 @@ def test_the_flags_and_make_sampler_refuse_what_the_config_refuses(settings, key
         sampler_from_args(args, SamplerConfig(), 10)
     _, diffusion = build_networks(config_from_dict({**SMALL, "sampler": {"sampler": "ddim", "steps": 2},
                                                     "val_sampler": {"sampler": "ddim", "steps": 2}}))
-    with pytest.raises(ValueError, match=rf"^{key}\b"):
+    with pytest.raises(ValueError, match=key):  # the samplers refuse what they cannot compute, in their words
         make_sampler(diffusion, settings["sampler"], settings["steps"], settings.get("eta", 0.0))
 
 

@@ -127,7 +127,7 @@ def test_uploads_above_the_limit_are_refused_tiled_or_not(server: str, tmp_path:
 def test_explicit_tiles(server: str, samples: Path) -> None:
     _, _, png = enhance(server, samples / "dark.png", tile=16)
     assert_brightened(samples / "dark.png", png)
-    with pytest.raises(AppError, match="tile size must be a multiple of 8"):
+    with pytest.raises(AppError, match="tile size must be a positive multiple of 8"):
         enhance(server, samples / "dark.png", tile=12)
 
 

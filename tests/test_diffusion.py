@@ -1,6 +1,6 @@
 import torch
 
-from models.module import build_networks
+from models.build import build_networks
 
 
 def _diffusion(tiny_config):
@@ -70,8 +70,8 @@ def test_predict_start_from_noise_inverts_q_sample(tiny_config, images):
 
 def test_anchoring_switches_off(tiny_config, images):
     low, high = images
-    tiny_config.diffusion.use_center = False
-    tiny_config.diffusion.use_center_sampler = False
+    tiny_config.diffusion.use_center = False  # DRDA off
+    tiny_config.diffusion.use_center_sampler = False  # DRDS off
     d = _diffusion(tiny_config)
     x0 = d.img2res(high, low)
     eps = torch.randn_like(x0)

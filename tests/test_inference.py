@@ -12,11 +12,13 @@ from torch import nn
 
 from models import inference, load_checkpoint, load_for_inference
 from models.anchor import condition_features
+from models.anchored_diffusion import AnchoredDiffusion
+from models.build import build_networks
 from models.diffusion import GaussianDiffusion
 from models.inference import encode, enhance
-from models.module import build_networks
 from models.precision import autocast_dtype, bf16_supported
 from models.preparation import fold_weight_norm, prepare_for_inference
+from models.samplers import make_sampler
 from models.tiling import blend_weights, tile_boxes, tile_starts
 from models.unet import NoiseUNet
 from tests.conftest import ROOT, TINY, load_bench
@@ -84,10 +86,10 @@ def dark_image():
     return (base + 0.1 * torch.rand(1, 3, 64, 96, generator=generator)).clamp(0, 1)
 
 
-def _enhance(networks, img, **kwargs):
+def _enhance(networks, img, sampler="ddim", steps=3, eta=0.0, **kwargs):
     encoder, diffusion = networks
-    kwargs = {"sampler": "ddim", "steps": 3, **kwargs}
-    return enhance(encoder, diffusion, img, pad_multiple=8, **kwargs)
+    return enhance(encoder, diffusion, img, sampler=make_sampler(diffusion, sampler, steps, eta), pad_multiple=8,
+                   **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- preparation
@@ -194,9 +196,10 @@ def test_blending_reassembles_a_pointwise_pipeline_exactly(monkeypatch, dark_ima
 
     monkeypatch.setattr(inference, "_enhance_full", pointwise)
     diffusion = _StubDiffusion()
-    full = enhance(None, diffusion, dark_image, sampler="ddim", steps=1, pad_multiple=8,
+    sampler = make_sampler(diffusion, "ddim", 1)
+    full = enhance(None, diffusion, dark_image, sampler=sampler, pad_multiple=8,
                    generator=torch.Generator().manual_seed(5))
-    tiled = enhance(None, diffusion, dark_image, sampler="ddim", steps=1, pad_multiple=8,
+    tiled = enhance(None, diffusion, dark_image, sampler=sampler, pad_multiple=8,
                     generator=torch.Generator().manual_seed(5), tile=32, tile_overlap=12)
     assert torch.allclose(tiled.image, full.image, atol=1e-6)
     assert torch.allclose(tiled.anchor, full.anchor, atol=1e-6)
@@ -278,7 +281,7 @@ def test_bench_quality_rows_score_as_test_py_does(networks, dark_image, monkeypa
     from utils.metrics import mean_scores, score_pairs, to_uint8
 
     bench = load_bench("speed", monkeypatch)
-    modules = nn.ModuleDict({"encoder": networks[0], "model": networks[1]}).eval()
+    modules = AnchoredDiffusion(networks[0], networks[1], pad_multiple=8).eval()
     high = to_uint8((dark_image[0] * 2.5).clamp(0, 1))
     rows = bench.quality_rows(modules, [(dark_image, high)], 8, [("anchor", 1), ("ddim", 2)])
     assert [row["name"] for row in rows] == ["anchor", "ddim-2"]

@@ -4,7 +4,7 @@ import torch
 from PIL import Image, ImageOps
 
 from models.anchor import color_map, condition_features, equalized, grad_map
-from models.module import build_networks
+from models.build import build_networks
 from utils.config import Config, ConfigError, config_from_dict
 
 

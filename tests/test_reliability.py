@@ -37,7 +37,7 @@ from PIL import Image
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
-import models.module
+import models.losses
 import test as test_script
 import test_unpaired
 import train
@@ -705,14 +705,14 @@ def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_last_checkpoint(world, mon
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(world, monkeypatch, capsys,
                                                                             restore_determinism):
     calls = []
-    original = models.module.dfpl_loss
+    original = models.losses.DFPL.__call__
 
-    def dfpl_then_nan(*args: Any) -> torch.Tensor:
+    def dfpl_then_nan(*args: Any) -> models.losses.LossTerms:
         calls.append(1)
         loss = original(*args)
-        return loss * float("nan") if len(calls) == 4 else loss
+        return models.losses.LossTerms.single("dfpl", loss.total * float("nan")) if len(calls) == 4 else loss
 
-    monkeypatch.setattr(models.module, "dfpl_loss", dfpl_then_nan)
+    monkeypatch.setattr(models.losses.DFPL, "__call__", dfpl_then_nan)
     recorder = CheckpointHash(step=3)
     with_callbacks(monkeypatch, recorder)
     data = make_pairs(world.root / "four", n=4)

@@ -47,16 +47,16 @@ def test_chroma_target_is_the_colour_map_of_hr():
     module = _module({**ANCHOR_STAGE, "optim": {**ANCHOR_STAGE["optim"], "anchor_target": "chroma"}})
     hr = torch.tensor([0.6, 0.3, 0.3]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
     expected = torch.tensor([0.5, 0.25, 0.25]).view(1, 3, 1, 1)
-    assert torch.allclose(module.anchor_target(hr), expected.expand(1, 3, 2, 2), atol=1e-6)
+    assert torch.allclose(module.objective.target(hr), expected.expand(1, 3, 2, 2), atol=1e-6)
 
 
 def test_anchor_loss_weights_and_msssim():
     img = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
     other = (img * 0.5 + 0.2).clamp(0, 1)
-    assert AnchorLoss(["msssim"], [1.0])(img, img).item() == pytest.approx(0.0, abs=1e-5)
+    assert AnchorLoss(["msssim"], [1.0])(img, img).total.item() == pytest.approx(0.0, abs=1e-5)
     l1 = (img - other).abs().mean().item()
-    assert AnchorLoss(["l1", "l1"], [2.0, 0.5])(img, other).item() == pytest.approx(2.5 * l1, rel=1e-5)
-    assert 0.01 < AnchorLoss(["msssim"], [1.0])(other, img).item() < 1.0
+    assert AnchorLoss(["l1", "l1"], [2.0, 0.5])(img, other).total.item() == pytest.approx(2.5 * l1, rel=1e-5)
+    assert 0.01 < AnchorLoss(["msssim"], [1.0])(other, img).total.item() < 1.0
 
 
 def test_anchor_loss_is_float32_under_bf16_autocast():
@@ -64,9 +64,9 @@ def test_anchor_loss_is_float32_under_bf16_autocast():
     img = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
     other = (img * 0.5 + 0.2).clamp(0, 1)
     loss = AnchorLoss(["l1", "msssim"], [1.0, 1.0])
-    expected = loss(other, img)
+    expected = loss(other, img).total
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast = loss(other.bfloat16(), img)
+        autocast = loss(other.bfloat16(), img).total
     assert autocast.dtype == torch.float32
     assert autocast.item() == pytest.approx(expected.item(), rel=1e-2)
 
@@ -88,7 +88,7 @@ def test_bad_stage_settings_are_refused(overrides, message):
 def test_anchor_sampler_returns_the_clamped_anchor(images):
     module = _module({**ANCHOR_STAGE, "stage": "diffusion"}).eval()
     with torch.no_grad():
-        center, _ = module.anchor(images[0])
+        center, _ = module.method.anchor(images[0])
         anchor_sampler = config_from_dict({"sampler": {"sampler": "anchor"}}).sampler
         result = module.enhance(images[0], anchor_sampler)
         assert torch.allclose(result.image, center.clamp(0, 1), atol=1e-6)

@@ -83,8 +83,9 @@ def test_away_from_the_seams_the_output_is_the_tile_enhanced_on_its_own(tiny_con
     enhancement (on the whole image's features), which differs from the untiled output."""
     encoder, diffusion = _smooth(tiny_config)
     img = random_image(64, 96, seed=3)
-    tiled = enhance(encoder, diffusion, img, sampler="ddim", steps=3, pad_multiple=8, tile=48, tile_overlap=16)
-    untiled = enhance(encoder, diffusion, img, sampler="ddim", steps=3, pad_multiple=8)
+    ddim = make_sampler(diffusion, "ddim", 3)
+    tiled = enhance(encoder, diffusion, img, sampler=ddim, pad_multiple=8, tile=48, tile_overlap=16)
+    untiled = enhance(encoder, diffusion, img, sampler=ddim, pad_multiple=8)
     boxes = tile_boxes(64, 96, 48, 16)
     cover = torch.zeros(64, 96, dtype=torch.int64)
     for top, left, h, w in boxes:
@@ -95,8 +96,8 @@ def test_away_from_the_seams_the_output_is_the_tile_enhanced_on_its_own(tiny_con
         for box in boxes:
             top, left, h, w = box
             crop = img[..., top: top + h, left: left + w]
-            center, feats = encode(encoder, tile_features(img, box, luts)[1])
-            alone = sample(diffusion, sampler, crop, center, feats)
+            anchor, feats = encode(encoder, tile_features(img, box, luts)[1])
+            alone = sample(diffusion, sampler, crop, anchor, feats)
             only = cover[top: top + h, left: left + w] == 1
             region = tiled.image[..., top: top + h, left: left + w]
             assert torch.allclose(region[..., only], alone[..., only], atol=1e-6)

@@ -6,13 +6,13 @@ import torch
 import models.module
 import train
 from models import AnlightenDiff
-from models.losses import build_image_loss, dfpl_loss
-from models.module import check_monitor, logged_metrics, required_lpips_nets
+from models.losses import DFPL, build_image_loss
+from models.stages import has_unused_trained_parameters, required_lpips_nets
 from tests.conftest import ROOT, TINY, train_steps
 from tests.test_scripts import make_pairs
 from utils.config import ConfigError, config_from_dict
 from utils.lpips import LPIPSWeightsMissing
-from utils.training import AtomicCheckpointIO, build_strategy, has_unused_trained_parameters
+from utils.training import AtomicCheckpointIO, build_strategy, check_monitor, logged_metrics
 
 
 def _batch(images):
@@ -55,13 +55,13 @@ def test_dfpl_compares_images_rebuilt_from_noise(tiny_config, images):
     x0 = d.img2res(high, low)
     t = torch.tensor([3, 7])
     eps_star = torch.randn_like(x0)
-    l1 = build_image_loss("l1")
-    assert dfpl_loss(d, l1, x0, t, high, low, eps_star, eps_star).item() == 0.0
-    shifted = dfpl_loss(d, l1, x0, t, high, low, eps_star + 0.1, eps_star).item()
+    l1 = DFPL(build_image_loss("l1"))
+    assert l1(d, x0, t, high, low, eps_star, eps_star).total.item() == 0.0
+    shifted = l1(d, x0, t, high, low, eps_star + 0.1, eps_star).total.item()
     assert shifted > 0
     # the two images are q_sample(x0, t, c, eps_hat) and q_sample(x0, t, c, eps*), mapped to [0, 1]
     rebuilt = [d.res2img(d.q_sample(x0, t, high, eps), low) for eps in (eps_star + 0.1, eps_star)]
-    expected = l1(*rebuilt)
+    expected = l1.image_loss(*rebuilt)
     assert shifted == expected.item()
 
 
@@ -152,11 +152,12 @@ def test_ddp_looks_for_unused_parameters_exactly_when_a_trained_one_goes_unused(
     unused = set()
     for ref_prob in (0.0, 1.0):
         module.config.optim.ref_prob = ref_prob
+        module.prepare_training(has_validation=False)  # the objective of the changed config
         module.zero_grad(set_to_none=True)
         module.training_step(_batch(images), 0).backward()
         unused |= {name for name, p in module.named_parameters() if p.requires_grad and p.grad is None}
     config.trainer.strategy = "ddp"
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, has_unused_trained_parameters(config))
     assert strategy._ddp_kwargs["find_unused_parameters"] == bool(unused), sorted(unused)[:5]
     assert has_unused_trained_parameters(config) == bool(unused)
 

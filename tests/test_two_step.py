@@ -14,6 +14,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+import models.anchored_diffusion
 import models.inference
 import models.module
 import models.tiling
@@ -21,9 +22,11 @@ import test as test_script
 import train
 from models import AnlightenDiff, CheckpointError, load_checkpoint
 from models.anchor import HENetwork, anchor_from_features, condition_features, equalized, screen_blend
+from models.anchored_diffusion import AnchoredDiffusion
+from models.build import build_he_network, build_networks
 from models.checkpoint import export_checkpoint
 from models.inference import encode
-from models.module import build_he_network, build_networks, missing_earlier_stage
+from models.stages import missing_earlier_stage
 from tests.conftest import TINY, load_bench, train_steps
 from tests.test_checkpoint import SCALE, _official_layout
 from utils.cli import UserError
@@ -105,7 +108,7 @@ def test_ts_anchor_is_the_screen_blend_of_h_on_the_sigmoid_encoder():
     module = _module(TS_TINY).eval()
     low = _image()
     with torch.no_grad():
-        center, feats = module.anchor(low)
+        center, feats = module.method.anchor(low)
         features = condition_features(low)
         out, expected_feats = module.encoder.run(features)
         img_c = torch.sigmoid(out)
@@ -116,7 +119,7 @@ def test_ts_anchor_is_the_screen_blend_of_h_on_the_sigmoid_encoder():
     assert all(torch.equal(a, b) for a, b in zip(feats, expected_feats, strict=True))
     fs_like = _module({**TINY, "model": {**TINY["model"], "cond_on_res": False, "stronger_cond": False}}).eval()
     with torch.no_grad():  # the same function without H: the encoder's own output
-        assert torch.equal(fs_like.anchor(low)[0], anchor_from_features(fs_like.encoder, features)[0])
+        assert torch.equal(fs_like.method.anchor(low)[0], anchor_from_features(fs_like.encoder, features)[0])
 
 
 def test_the_ts_unet_ignores_the_encoder_features():
@@ -124,7 +127,7 @@ def test_the_ts_unet_ignores_the_encoder_features():
     low = _image()
     x_t, t = torch.randn(1, 3, 16, 24, generator=torch.Generator().manual_seed(3)), torch.tensor([4])
     with torch.no_grad():
-        _, feats = module.anchor(low)
+        _, feats = module.method.anchor(low)
         with_feats = module.model.unet(x_t, t, low, feats)
         garbage = module.model.unet(x_t, t, low, [torch.full_like(f, 7.0) for f in feats])
         without = module.model.unet(x_t, t, low, [])
@@ -135,7 +138,7 @@ def test_untiled_enhance_and_encode_give_the_modules_anchor():
     module = _module(TS_TINY).eval()
     low = _image(16, 24)  # a multiple of pad_multiple 8: no padding
     with torch.no_grad():
-        center, feats = module.anchor(low)
+        center, feats = module.method.anchor(low)
         encoded, encoded_feats = encode(module.encoder, condition_features(low), he_network=module.he_network)
         anchored = module.enhance(low, config_from_dict({"sampler": {"sampler": "anchor"}}).sampler)
         sampled = module.enhance(low, config_from_dict({"sampler": {"sampler": "ddim", "steps": 2}}).sampler)
@@ -148,10 +151,11 @@ def test_untiled_enhance_and_encode_give_the_modules_anchor():
 
 def test_no_copy_of_the_anchor_formula_outside_models_anchor():
     """Issue 12: one function computes the anchor; the module and the tiling path call it."""
-    for source in (inspect.getsource(module) for module in (models.inference, models.tiling, models.module)):
+    for source in (inspect.getsource(module) for module in (models.inference, models.tiling, models.module,
+                                                            models.anchored_diffusion)):
         assert "sigmoid" not in source and "3:6" not in source and "(1 - zeta)" not in source
     assert "anchor_from_features" in inspect.getsource(models.inference.encode)
-    assert "anchor_from_features" in inspect.getsource(AnlightenDiff.anchor)
+    assert "anchor_from_features" in inspect.getsource(AnchoredDiffusion.anchor)
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -212,7 +216,7 @@ def test_he_stage_trains_h_alone_and_lowers_its_loss(images):
     losses = train_steps(module, optimizer, batch, 15)
     assert losses[-1] < 0.9 * losses[0]
     with torch.no_grad():
-        zeta = module.he_output(images[0])
+        zeta = module.method.he_output(images[0])
         assert module.training_step(batch, 0).item() == pytest.approx(
             torch.nn.functional.l1_loss(zeta, images[1]).item(), rel=1e-5)
     after = [*module.encoder.parameters(), *module.model.parameters()]
@@ -232,7 +236,7 @@ def test_diffusion_stage_uses_the_ts_anchor_and_trains_the_unet_alone(images):
     t = torch.randint(0, 10, (2,))
     eps = torch.randn(2, 3, 16, 24)
     with torch.no_grad():
-        center, _ = module.anchor(low)
+        center, _ = module.method.anchor(low)
         eps_star = eps + d.extra_term_coef1[t].reshape(2, 1, 1, 1) * (2 * center - 1)
         abar = d.alphas_cumprod[t].reshape(2, 1, 1, 1)
         x_t = abar.sqrt() * (2 * (high - low) - 1) + (1 - abar).sqrt() * eps_star
@@ -288,7 +292,7 @@ def test_the_last_stages_checkpoint_is_the_inference_checkpoint(tmp_path):
         assert set(loaded.state_dict()) == set(module.state_dict())
         assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in module.state_dict().items())
         with torch.no_grad():
-            assert torch.equal(loaded.anchor(low)[0], module.anchor(low)[0])
+            assert torch.equal(loaded.method.anchor(low)[0], module.method.anchor(low)[0])
     assert any(k.startswith("he_network.") for k in torch.load(small, weights_only=True)["state_dict"])
 
 
@@ -301,7 +305,7 @@ def test_bench_speed_runs_a_ts_checkpoint_with_its_he_network(tmp_path, monkeypa
     module = _module(TS_TINY).eval()
     _perturb(module.he_network, 4)
     networks, _ = bench.build(SimpleNamespace(ckpt=str(_save(module, tmp_path / "ts.ckpt"))), torch.device("cpu"))
-    assert set(networks) == {"encoder", "model", "he_network"}
+    assert {name for name, _ in networks.named_children()} == {"encoder", "model", "he_network"}
     low = _image(16, 24)
     high = to_uint8((low[0] * 2.5).clamp(0, 1))
     try:
@@ -309,7 +313,7 @@ def test_bench_speed_runs_a_ts_checkpoint_with_its_he_network(tmp_path, monkeypa
     finally:
         retain_freed_memory(False)  # the bench switches glibc's allocator mode for the whole process
     with torch.no_grad():
-        expected = mean_scores(score_pairs([(module.anchor(low)[0].clamp(0, 1)[0], high)]), ("psnr", "ssim"))
+        expected = mean_scores(score_pairs([(module.method.anchor(low)[0].clamp(0, 1)[0], high)]), ("psnr", "ssim"))
         without_h = mean_scores(score_pairs([(module.encoder(low)[0].clamp(0, 1)[0], high)]),
                                 ("psnr",))
     assert rows[0]["psnr"] == pytest.approx(expected["psnr"], abs=1e-3)
@@ -439,8 +443,8 @@ def test_ts_checkpoint_loads_strictly_and_reproduces_outputs(ts_module, tmp_path
     low = _image(64, 64, seed=4)
     t = torch.tensor([37])
     with torch.no_grad():
-        c1, f1 = ts_module.anchor(low)
-        c2, f2 = loaded.anchor(low)
+        c1, f1 = ts_module.method.anchor(low)
+        c2, f2 = loaded.method.anchor(low)
         e1 = ts_module.model.unet(2 * c1 - 1, t, low, f1)
         e2 = loaded.model.unet(2 * c2 - 1, t, low, f2)
     assert torch.equal(c1, c2) and torch.equal(e1, e2)  # H and the UNet, same names and shapes, not swapped

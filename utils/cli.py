@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from utils.choices import precision_error
 from utils.config import PRECISIONS, ConfigError, DetailName, SamplerConfig, SamplerName, check_sampler
 
 EXIT_USER_ERROR = 2
@@ -125,9 +126,9 @@ def add_inference_args(parser: argparse.ArgumentParser, defaults: SamplerConfig 
 
 
 def check_precision(precision: str, device: torch.device) -> str:
-    """``precision`` if ``device`` can run it; a UserError for fp16 off CUDA."""
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError(f"--precision fp16 needs a CUDA device, not {device.type}; use fp32 or bf16")
+    """``precision`` if ``device`` can run it (:func:`utils.choices.precision_error`), else a UserError."""
+    if (error := precision_error(precision, device.type)) is not None:
+        raise UserError(f"--{error}")
     return precision
 
 

@@ -5,9 +5,8 @@ public code, so a YAML file only lists what it changes. Loading validates every 
 key is an error naming the nearest valid one. Dotted command-line overrides (``model.unet_dim=32``) go
 through the same validation.
 
-Every choice (schedules, samplers, losses, datasets, stages, ...) is declared once, as a ``typing.Literal`` below:
-the fields are typed with it, so loading refuses any other value naming the valid ones, and the modules that
-implement a choice read the same declaration (``typing.get_args``).
+Every choice (schedules, samplers, losses, datasets, stages, ...) is declared once, as a ``typing.Literal`` in
+:mod:`utils.choices`: the fields are typed with it, so loading refuses any other value naming the valid ones.
 """
 
 from __future__ import annotations
@@ -23,38 +22,29 @@ from typing import Any, Literal
 
 import yaml
 
+from utils.choices import (  # noqa: F401 - the choices are part of the config's interface
+    PRECISIONS,
+    AnchorLossName,
+    AnchorTarget,
+    BetaSchedule,
+    DatasetName,
+    DetailName,
+    ImageLossName,
+    LossType,
+    MonitorMode,
+    NoiseLossName,
+    OptimizerName,
+    Precision,
+    SamplerName,
+    SchedulerName,
+    Stage,
+    SynthKind,
+    TestGeometry,
+)
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and why."""
-
-
-BetaSchedule = Literal["cosine", "linear"]
-"""``diffusion.beta_schedule`` (models/schedule.py)."""
-SamplerName = Literal["ddpm", "ddim", "anchor"]
-DetailName = Literal["model", "input"]
-"""Where the output's fine detail comes from: ``model`` (the network's pixels, the paper) or ``input`` (the
-photo's own detail and colours re-exposed by the model, models/detail.py)."""
-"""``sampler.sampler`` and ``val_sampler.sampler``, the scripts' ``--sampler`` (models/samplers.py)."""
-Stage = Literal["anchor", "he", "diffusion"]
-"""``stage``: what a training run trains (models/module.py)."""
-NoiseLossName = Literal["l1", "l2"]
-"""Noise-space losses (models/losses.py:noise_loss)."""
-LossType = Literal["dfpl", NoiseLossName]
-"""``optim.loss_type``: DFPL or a noise-space loss."""
-ImageLossName = Literal["lpips_vgg", "lpips_alex", "l1", "l2"]
-"""``optim.dfpl_image_loss`` (models/losses.py:build_image_loss)."""
-AnchorLossName = Literal["msssim", ImageLossName]
-"""Entries of ``optim.anchor_loss`` and ``optim.he_loss`` (models/losses.py:AnchorLoss)."""
-OptimizerName = Literal["lion", "adamw"]
-SchedulerName = Literal["cosine", "plateau"]
-AnchorTarget = Literal["chroma", "hr"]
-DatasetName = Literal["LOL", "LOLv2", "LOLv2_synthetic", "VELOL", "LOL+LOLv2", "LOL+LOLv2+VELOL", "folder"]
-"""``data.use_dataset`` (data/datamodule.py:DATASET_COMBINATIONS maps each to its layouts)."""
-SynthKind = Literal["dark", "identity", "bright"]
-"""Entries of ``data.synth_kinds`` (data/exposure.py)."""
-TestGeometry = Literal["pad", "center_crop"]
-MonitorMode = Literal["min", "max"]
-Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -96,8 +86,6 @@ class DiffusionConfig:
     pad_multiple: int = 32
 
 
-PRECISIONS = typing.get_args(Precision)
-"""Inference precisions: fp32, or autocast of the two networks to bf16/fp16 (the sampler stays fp32)."""
 
 
 @dataclass

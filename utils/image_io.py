@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -122,6 +123,16 @@ def _unit(img: Image.Image) -> np.ndarray:
 def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
     """HxW -> HxWx3 (copied, contiguous)."""
     return np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
+
+
+def to_tensor(rgb: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """HxWx3 image in [0, 1] -> (1, 3, H, W) float32 tensor (on ``device``): what the networks take."""
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))[None].to(device)
+
+
+def to_array(img: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) tensor -> HxWx3 float32 array clipped to [0, 1]: what :func:`save_png` and the metrics take."""
+    return np.clip(img[0].permute(1, 2, 0).float().cpu().numpy(), 0, 1)
 
 
 def atomic_write(

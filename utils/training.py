@@ -26,8 +26,13 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy, Strategy
 from torch.utils.data import ConcatDataset, RandomSampler
 
-from utils.config import Config, save_config
+from utils.config import Config, ConfigError, save_config
 from utils.image_io import atomic_write
+from utils.metrics import METRICS
+
+VAL_METRICS = (*METRICS, "combined")
+"""What validation logs, as ``val/<name>`` (``lpips`` and ``combined`` are computed with LPIPS-AlexNet)."""
+LPIPS_METRICS = ("val/lpips", "val/combined")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -289,6 +294,38 @@ def keeps_best_checkpoint(config: Config, has_validation: bool) -> bool:
     return has_validation and config.trainer.save_top_k != 0
 
 
+def logged_metrics(has_validation: bool) -> tuple[str, ...]:
+    """Every metric a training run logs that ``trainer.monitor`` can follow: ``train/loss``, and with validation
+    ``val/<name>`` for each of :data:`VAL_METRICS`."""
+    return ("train/loss", *(f"val/{name}" for name in VAL_METRICS)) if has_validation else ("train/loss",)
+
+
+def monitor_users(config: Config, has_validation: bool) -> list[str]:
+    """What follows ``trainer.monitor`` in this configuration: the best checkpoint, the plateau LR schedule."""
+    users = ["the best checkpoint (trainer.save_top_k)"] if keeps_best_checkpoint(config, has_validation) else []
+    return users + (["optim.scheduler: plateau"] if config.optim.scheduler == "plateau" else [])
+
+
+def check_monitor(config: Config, has_validation: bool) -> None:
+    """Refuse at start-up a ``trainer.monitor`` that no configuration logs (a typo), or that something follows
+    (the best checkpoint, the plateau schedule) but this configuration never logs (a val/ metric without
+    validation), which Lightning would report only after the first validation, or never."""
+    users, monitor = monitor_users(config, has_validation), config.trainer.monitor
+    if monitor not in logged_metrics(True):  # no configuration logs it: a typo, whether or not anything follows it
+        raise ConfigError(f"trainer.monitor: {monitor!r} is never logged; training logs "
+                          f"{', '.join(logged_metrics(True))}")
+    logged = logged_metrics(has_validation)
+    if users and monitor not in logged:
+        why = "" if has_validation else " (no validation: data.val_folder is null)"
+        raise ConfigError(f"trainer.monitor: {monitor!r}, which {' and '.join(users)} follow(s), is never logged by "
+                          f"this configuration{why}; it logs {', '.join(logged)}")
+
+
+def monitor_needs_lpips(config: Config, has_validation: bool) -> bool:
+    """Whether the followed ``trainer.monitor`` is computed with LPIPS-AlexNet (val/lpips, val/combined)."""
+    return bool(monitor_users(config, has_validation)) and config.trainer.monitor in LPIPS_METRICS
+
+
 def build_callbacks(config: Config, checkpoint_dir: Path, has_validation: bool, *, run_dir: Path | None = None,
                     resumed: bool = False) -> list[Callback]:
     """Best checkpoint on the monitored validation metric (when there is validation), ``last.ckpt``, the learning
@@ -319,36 +356,24 @@ def build_callbacks(config: Config, checkpoint_dir: Path, has_validation: bool, 
     return callbacks
 
 
-def has_unused_trained_parameters(config: Config) -> bool:
-    """Whether a trained parameter can go without a gradient in a training step, which DDP must then look for
-    (``find_unused_parameters``: one more traversal of the graph every step; without it DDP stops at such a step).
-
-    Only the anchor networks' can: each U-Net but the denoiser owns a time MLP it never runs (so that the official
-    checkpoints load), the encoder's output is not used on teacher-forced steps nor its feature maps in the anchor
-    stage, and without DRDA it does not run at all. So: when a stage trains anything but the denoising UNet alone
-    (the anchor stages, or ``optim.train_encoder``). The denoising UNet uses every parameter in every step, and
-    frozen networks have no trained parameters."""
-    return config.stage != "diffusion" or config.optim.train_encoder
-
-
-def build_strategy(config: Config) -> str | Strategy:
+def build_strategy(config: Config, find_unused_parameters: bool) -> str | Strategy:
     """``trainer.strategy``; for plain ``ddp``, DDP looks for parameters without gradients only when the
-    configuration has some (:func:`has_unused_trained_parameters`)."""
+    configuration has some (``find_unused_parameters``: :func:`models.stages.has_unused_trained_parameters`)."""
     if config.trainer.strategy != "ddp":
         return config.trainer.strategy
-    return DDPStrategy(find_unused_parameters=has_unused_trained_parameters(config))
+    return DDPStrategy(find_unused_parameters=find_unused_parameters)
 
 
-def build_trainer(config: Config, logger: TensorBoardLogger, callbacks: list[Callback],
-                  fast_dev_run: bool = False) -> pl.Trainer:
+def build_trainer(config: Config, logger: TensorBoardLogger, callbacks: list[Callback], *,
+                  find_unused_parameters: bool = False, fast_dev_run: bool = False) -> pl.Trainer:
     """A Lightning Trainer from the ``trainer`` section (devices, nodes, strategy, precision, clipping), saving
-    checkpoints through :class:`AtomicCheckpointIO`."""
+    checkpoints through :class:`AtomicCheckpointIO`. ``find_unused_parameters``: see :func:`build_strategy`."""
     t = config.trainer
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_strategy(config),
+        strategy=build_strategy(config, find_unused_parameters),
         precision=t.precision,
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
