@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lpips demo web-demo test lint bench clean-venv
+.PHONY: setup lpips demo web-demo test lint bench gpu-check-prepare clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ lint: setup
 
 bench: setup  ## speed figures on this machine
 	$(PY) bench/speed.py --quick
+
+gpu-check-prepare: lpips  ## wheels (.whl/) and LPIPS weights (.lpips/) that bench/gpu_check.py's device call carries
+	PY=$(PY) bash bench/gpu_check_prepare.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -25,6 +25,7 @@ from utils.cli import (
     UserError,
     add_inference_args,
     check_precision,
+    checkpoint_for,
     ensure_output_dir,
     resolve_device,
     run_cli,
@@ -43,18 +44,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "on average (uint8 RGB, the reference's protocol without its defects), plus GT-mean-corrected "
                     "PSNR/SSIM in separate fields. Writes the enhanced PNGs, metrics.csv and metrics.json.")
     parser.add_argument("--cfg", default="cfg/test/LOL.yaml",
-                        help="test config: dataset and sampler (default cfg/test/LOL.yaml)")
+                        help="test config: dataset, test geometry and, with its checkpoint key, the model (default "
+                             "cfg/test/LOL.yaml; the paper's configs: cfg/test/FS/, cfg/test/TS/)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
     parser.add_argument("--test-folder", help="a folder with low/ and high/ to test on instead of the config's set")
-    parser.add_argument("--output", help="results folder (default results/<config name>)")
+    parser.add_argument("--output", help="results folder (default: results/<the config's path under cfg/test, "
+                                         "without .yaml>, e.g. results/LOL, results/FS/test_VELOL)")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     parser.add_argument("--reference-protocol", action="store_true",
                         help="reproduce the paper's numbers exactly: truncate outputs to uint8, BGR swap before "
                              "grey SSIM and LPIPS, column-wise grey SSIM, and with data.test_geometry: center_crop "
                              "(cfg/test/LOL_TS.yaml) the TS code's input and ground-truth crop offsets (see "
                              "utils/metrics.py)")
-    add_inference_args(parser)
+    add_inference_args(parser, config_checkpoint=True)
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+
+
+def default_output(cfg: str) -> Path:
+    """results/<path of ``cfg`` under ./cfg/test, without .yaml> (results/LOL, results/FS/test_VELOL): configs of
+    the same name in different folders write to different places; results/<file name> for a config elsewhere."""
+    path = Path(cfg).with_suffix("")
+    try:
+        return Path("results") / path.resolve().relative_to(Path("cfg", "test").resolve())
+    except ValueError:
+        return Path("results") / path.name
 
 
 def sha256(path: Path) -> str:
@@ -113,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"data.test_folder={args.test_folder}"] if args.test_folder else [])
     config = load_config(args.cfg, overrides)
-    output = Path(args.output or Path("results") / Path(args.cfg).stem)
+    ckpt_arg = checkpoint_for(args.ckpt, config, args.cfg)  # a config's missing checkpoint: before any work
+    output = Path(args.output) if args.output else default_output(args.cfg)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a folder")
     if (output / "metrics.json").exists() and not args.overwrite:
@@ -129,7 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_image(path)  # an unreadable image is refused before anything is computed or written
     device = resolve_device(args.device)
     precision = check_precision(args.precision, device)
-    ckpt = resolve_checkpoint(args.ckpt)
+    ckpt = resolve_checkpoint(ckpt_arg)
+    if ckpt_arg is None:  # benchmark numbers name their model
+        print("checkpoint: the bundled checkpoints/default.ckpt (--ckpt PATH runs another; the paper's FS_final.ckpt: "
+              "--cfg cfg/test/FS/test.yaml)", file=sys.stderr)
     model = load_for_inference(ckpt, device)
     retain_freed_memory_for(device)  # this script owns the process: keep freed memory (CPU)
     sampler = sampler_from_args(args, model.config.sampler, model.config.diffusion.timesteps)  # its recommended one

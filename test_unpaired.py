@@ -1,4 +1,5 @@
-"""Enhance your own low-light photos: ``python test_unpaired.py --input DARK_DIR --output OUT_DIR``."""
+"""Enhance your own low-light photos: ``python test_unpaired.py --input DARK_DIR --output OUT_DIR``, or with the
+folders (and the checkpoint) of a config file: ``python test_unpaired.py --cfg cfg/test/test_unpaired.yaml``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -17,11 +19,13 @@ from utils.cli import (
     UserError,
     add_inference_args,
     check_precision,
+    checkpoint_for,
     ensure_output_dir,
     resolve_device,
     run_cli,
     sampler_from_args,
 )
+from utils.config import Config, ConfigError, load_config
 from utils.image_io import (
     ImagePathNotFoundError,
     ImageReadError,
@@ -42,16 +46,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Enhance low-light images (PNG, JPEG, BMP, TIFF, WebP; any size; greyscale, RGBA with alpha "
                     "kept, 16-bit; EXIF orientation honoured). Writes <name>.png into --output; never overwrites "
                     "or deletes anything unless --overwrite.")
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="image files and/or folders (searched recursively)")
-    parser.add_argument("--output", required=True, help="folder for the enhanced PNGs (created if needed)")
+    parser.add_argument("--input", nargs="+", metavar="PATH",
+                        help="image files and/or folders (searched recursively); default: the --cfg file's "
+                             "test_folder_unpaired")
+    parser.add_argument("--output", help="folder for the enhanced PNGs (created if needed); default: the --cfg file's "
+                                         "results_folder_unpaired")
+    parser.add_argument("--cfg", metavar="FILE.yaml",
+                        help="a config whose test_folder_unpaired and results_folder_unpaired stand for --input and "
+                             "--output, and whose checkpoint for --ckpt, where those flags are not given (the paper's: "
+                             "cfg/test/test_unpaired.yaml)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--grid", metavar="FILE.png",
                         help="also write a side-by-side grid PNG, one row per image: input | anchor | output")
     parser.add_argument("--max-pixels", type=int, metavar="N",
                         help="refuse (before anything runs) images of more than N pixels (default: no limit; large "
                              "photos are tiled automatically, see --tile)")
-    add_inference_args(parser)
+    add_inference_args(parser, config_checkpoint=True)
     parser.add_argument("--tile", default="auto", metavar="SIZE",
                         help="auto (default): images too large for about 1.25 GiB of network memory are enhanced in "
                              "overlapping tiles sized to fit, with blended seams and the whole image's histogram "
@@ -88,6 +98,27 @@ def parse_tile(text: str) -> int | str | None:
         return int(text)
     except ValueError:
         raise UserError(f"--tile must be auto, off or a tile size in pixels, got {text!r}") from None
+
+
+def folders(args: argparse.Namespace, config: Config | None) -> tuple[list[str], str, str, str]:
+    """(inputs, output folder, and the names messages give them): --input and --output, else the --cfg file's
+    test_folder_unpaired and results_folder_unpaired; a UserError when neither gives one."""
+    if config is None and (args.input is None or args.output is None):
+        raise UserError("--input and --output are required (or --cfg FILE.yaml setting test_folder_unpaired and "
+                        "results_folder_unpaired, e.g. cfg/test/test_unpaired.yaml)")
+
+    def pick(flag: str, given: Any, key: str, what: str, example: str) -> tuple[Any, str]:
+        if given is not None:
+            return given, flag
+        if getattr(config, key) is None:
+            raise UserError(f"{args.cfg} sets no {key}: write {what} there ({key}: {example}) or pass {flag}")
+        return getattr(config, key), key
+
+    inputs, input_name = pick("--input", args.input, "test_folder_unpaired", "the folder of your images",
+                              "my_image_folder")
+    output, output_name = pick("--output", args.output, "results_folder_unpaired", "the folder for the results",
+                               "my_image_results")
+    return [inputs] if isinstance(inputs, str) else inputs, output, input_name, output_name
 
 
 def check_sizes(files: Sequence[Path], max_pixels: int) -> None:
@@ -161,29 +192,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     brightness = parse_brightness(args.brightness)
     args.tile = parse_tile(args.tile)
-    output = Path(args.output)
+    config = load_config(args.cfg) if args.cfg is not None else None
+    inputs, output, input_name, output_name = folders(args, config)
+    ckpt = args.ckpt if config is None else checkpoint_for(args.ckpt, config, args.cfg)
+    output = Path(output)
     if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} exists and is not a folder")
-    files = list_images(args.input)
+        raise UserError(f"{output_name} {output} exists and is not a folder")
+    try:
+        files = list_images(inputs)
+    except ImagePathNotFoundError as err:
+        raise ImagePathNotFoundError(f"{input_name}: {err}") from None
     if not files:
-        raise UserError(f"no images found in {' '.join(args.input)}")
+        raise UserError(f"no images found in {' '.join(inputs)} ({input_name})")
     if args.max_pixels is not None:
         check_sizes(files, args.max_pixels)
-    targets = output_paths(args.input, files, output)
+    targets = output_paths(inputs, files, output)
     existing = [str(t) for t in targets.values() if t.exists()]
     if existing and not args.overwrite:
         raise UserError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}); pass --overwrite "
-                        "to replace them or choose another --output")
+                        f"to replace them or choose another {output_name}")
     device = resolve_device(args.device)
     precision = check_precision(args.precision, device)
-    model = load_for_inference(args.ckpt, device)
+    model = load_for_inference(ckpt, device)
     retain_freed_memory_for(device)  # this script owns the process: keep freed memory (CPU)
     sampler = sampler_from_args(args, model.config.sampler, model.config.diffusion.timesteps)  # its recommended one
     model.require_sampler(sampler.sampler)  # before any output is written
     check_tiling(args.tile, args.tile_overlap, model.config.diffusion.pad_multiple)
     if args.grid and Path(args.grid).exists() and not args.overwrite:
         raise UserError(f"--grid {args.grid} already exists; pass --overwrite to replace it")
-    ensure_output_dir(output, "--output")
+    ensure_output_dir(output, output_name)
     failures, grid_rows = 0, []
     for file in tqdm(files, desc="enhancing", unit="image"):
         try:
@@ -212,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failures else 0
 
 
-USER_ERRORS = (CheckpointError, ImagePathNotFoundError, NotAnImageFileError, OutputExistsError, ImageReadError)
+USER_ERRORS = (ConfigError, CheckpointError, ImagePathNotFoundError, NotAnImageFileError, OutputExistsError,
+               ImageReadError)
 """The project's own errors for what the user can fix (with UserError): one line, exit 2. Anything else is a bug
 and keeps its traceback."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from utils.choices import precision_error
-from utils.config import PRECISIONS, ConfigError, DetailName, SamplerConfig, SamplerName, check_sampler
+from utils.config import PRECISIONS, Config, ConfigError, DetailName, SamplerConfig, SamplerName, check_sampler
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -98,12 +98,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def add_inference_args(parser: argparse.ArgumentParser, defaults: SamplerConfig | None = None) -> None:
+def add_inference_args(parser: argparse.ArgumentParser, defaults: SamplerConfig | None = None,
+                       config_checkpoint: bool = False) -> None:
     """The flags test.py, test_unpaired.py and the demo share: checkpoint, sampler, device. Without
-    ``defaults`` the sampler flags default to None (the config's sampler then applies)."""
+    ``defaults`` the sampler flags default to None (the config's sampler then applies). ``config_checkpoint``: the
+    script's --cfg file may name the checkpoint (:func:`checkpoint_for`)."""
     d = defaults
-    parser.add_argument("--ckpt", help="checkpoint: ours or the paper's FS_final.ckpt (default: the bundled "
-                                       "checkpoints/default.ckpt)")
+    fallback = "the --cfg file's checkpoint, else " if config_checkpoint else ""
+    parser.add_argument("--ckpt", help=f"checkpoint: ours or the paper's FS_final.ckpt (default: {fallback}the "
+                                       "bundled checkpoints/default.ckpt)")
     parser.add_argument("--sampler", choices=typing.get_args(SamplerName), default=d and d.sampler,
                         help="ddpm: the paper's 100-step sampler; ddim: exact few-step sampler; anchor: no "
                              "diffusion steps, the anchor itself (one network pass, a preview) "
@@ -123,6 +126,32 @@ def add_inference_args(parser: argparse.ArgumentParser, defaults: SamplerConfig 
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="network arithmetic: fp32 (default, exact); bf16 or fp16 autocast, faster on CUDA "
                              "GPUs (fp16 needs CUDA; bf16 is emulated and much slower on CPUs without native bf16)")
+
+
+PAPER_CHECKPOINTS = {"FS_final.ckpt": "the paper's released checkpoint",
+                     "twostep_final.ckpt": "the paper's two-step (TS) checkpoint"}
+"""The checkpoints of the paper's repository, by file name, that configs of cfg/ name (its paths: model/<name>)."""
+PAPER_DOWNLOAD = "https://1drv.ms/u/s!AvJJYu8Th24UjKJp4oGJqDoYNlOiKQ?e=h5qwHO"
+"""Where the paper's README ("Testing", "Pretrained Models") says its trained models can be downloaded."""
+
+
+def checkpoint_for(ckpt: str | None, config: Config, cfg: str | None) -> str | None:
+    """The checkpoint a script runs: ``--ckpt`` when given, else the ``checkpoint`` of the config file ``cfg``, else
+    None (the bundled checkpoints/default.ckpt). A config's checkpoint that is missing is a UserError saying where
+    to put it (and, for the paper's, where to get it): the bundled checkpoint never stands in for it."""
+    if ckpt is not None or config.checkpoint is None:
+        return ckpt
+    path = Path(config.checkpoint)
+    if path.is_file():
+        return config.checkpoint
+    paper = PAPER_CHECKPOINTS.get(path.name)
+    if paper:
+        where = (f"{path}, {paper}, which {cfg} names. The paper's README links its trained models (\"Pretrained "
+                 f"Models\": {PAPER_DOWNLOAD}): put {path.name} at {path}")
+    else:
+        where = f"{path}, which {cfg} names (checkpoint). Put the checkpoint there"
+    raise UserError(f"checkpoint not found: {where}, or pass --ckpt PATH (--ckpt checkpoints/default.ckpt runs the "
+                    "bundled model instead)")
 
 
 def check_precision(precision: str, device: torch.device) -> str:

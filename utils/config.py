@@ -5,6 +5,10 @@ public code, so a YAML file only lists what it changes. Loading validates every 
 key is an error naming the nearest valid one. Dotted command-line overrides (``model.unet_dim=32``) go
 through the same validation.
 
+A config file may name other config files under ``base`` (a file name or a list of them, relative to the file):
+their settings come first, in order, and the file's own settings go on top, section by section; so a file that
+differs from another in one key says only that key.
+
 Every choice (schedules, samplers, losses, datasets, stages, ...) is declared once, as a ``typing.Literal`` in
 :mod:`utils.choices`: the fields are typed with it, so loading refuses any other value naming the valid ones.
 """
@@ -198,6 +202,15 @@ class Config:
     """Checkpoint of an earlier stage whose anchor encoder this run loads (and keeps frozen unless
     ``optim.train_encoder``), and its HE network where it holds one (required by stage ``diffusion`` with
     ``model.he_network``; always frozen there)."""
+    checkpoint: str | None = None
+    """test.py and test_unpaired.py: the checkpoint they run when ``--ckpt`` is not given (None: the bundled
+    ``checkpoints/default.ckpt``). A checkpoint named here and missing is an error, never replaced by the bundled
+    one."""
+    test_folder_unpaired: str | None = None
+    """test_unpaired.py: the images (a folder or an image file) it enhances when ``--input`` is not given (the
+    paper's key)."""
+    results_folder_unpaired: str | None = None
+    """test_unpaired.py: the folder it writes to when ``--output`` is not given (the paper's key)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -387,24 +400,72 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
     return data
 
 
+BASE_KEY = "base"
+"""The key of a config file that names the config files it builds on (see the module docstring)."""
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a YAML config (``None`` = faithful defaults), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    """Load a YAML config (``None`` = faithful defaults) with its ``base`` files, apply overrides, validate.
+    Paths inside a config (datasets, checkpoints, folders) are relative to the working directory, as on the
+    command line; only ``base`` is relative to the file that names it."""
+    data = _read_with_bases(Path(path)) if path is not None else {}
     try:
         return config_from_dict(apply_overrides(data, overrides))
     except ConfigError as err:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{err}") from None
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The settings of the config file ``path``: its ``base`` files' (each read the same way, merged in order),
+    then its own on top. ``chain``: the files whose ``base`` led here, to refuse cycles. A misspelt key or a wrong
+    type is reported with the file that holds it."""
+    chain = (*chain, path.resolve())
+    data = _read_yaml(path)
+    bases = data.pop(BASE_KEY, None)
+    if isinstance(bases, str):
+        bases = [bases]
+    if bases is not None and not (isinstance(bases, list) and all(isinstance(b, str) and b for b in bases)):
+        raise ConfigError(f"{path}: {BASE_KEY}: expected a config file name or a list of them (relative to this "
+                          f"file), got {bases!r}")
+    try:
+        _build(Config, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    merged: dict[str, Any] = {}
+    for name in bases or ():
+        base = path.parent / name
+        if not base.is_file():
+            raise ConfigError(f"{path}: {BASE_KEY} {name}: config file not found: {base}")
+        if base.resolve() in chain:
+            cycle = " -> ".join(str(p) for p in (*chain[chain.index(base.resolve()):], base.resolve()))
+            raise ConfigError(f"{path}: {BASE_KEY} {name}: the base files form a cycle: {cycle}")
+        merged = _merge(merged, _read_with_bases(base, chain))
+    return _merge(merged, data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _merge(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:
+    """``above`` over ``below``, section by section: a section of ``above`` changes only the keys it lists (an
+    empty one, ``data:``, none); any other value replaces ``below``'s."""
+    merged = dict(below)
+    for key, value in above.items():
+        if isinstance(merged.get(key), dict) and (value is None or isinstance(value, dict)):
+            merged[key] = _merge(merged[key], value or {})
+        else:
+            merged[key] = value
+    return merged
 
 
 def save_config(config: Config, path: str | Path) -> None:
