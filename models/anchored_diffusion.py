@@ -87,8 +87,9 @@ class AnchoredDiffusion(nn.Module):
         return objective.loss(self.he_network(equalized(img_lr), img_c), img_hr)
 
     def diffusion_loss(self, img_lr: torch.Tensor, img_hr: torch.Tensor, objective: Objective) -> LossTerms:
-        """Stage ``diffusion``: x_t from DRDA's forward process at a random t, the UNet's eps*_hat, and DFPL or
-        a noise loss against the true eps* = eps + k1_t c'. Without DRDA, as the reference, there is no anchor
+        """Stage ``diffusion``: x_t from DRDA's forward process at a random t and the UNet's output; DFPL (through
+        the eps*_hat it implies, against the true eps* = eps + k1_t c'), a loss against the output's target
+        (eps*, x0 or v), or image losses on the image of x0_hat. Without DRDA, as the reference, there is no anchor
         and no encoder feature (the config then has ``model.stronger_cond: false``)."""
         diffusion = self.model
         anchor: torch.Tensor | None = None
@@ -98,15 +99,18 @@ class AnchoredDiffusion(nn.Module):
                 anchor, feats = self.anchor(img_lr)
             if objective.ref_prob > 0 and torch.rand((), device=img_lr.device) < objective.ref_prob:
                 anchor = img_hr  # teacher forcing; no random draw without it (the TS reference)
-        x_start = diffusion.img2res(img_hr, img_lr)
+        x_start = diffusion.encode(img_hr, img_lr, anchor)
         t = torch.randint(0, diffusion.num_timesteps, (img_lr.shape[0],), device=img_lr.device)
         eps = torch.randn_like(x_start)
         x_t = diffusion.q_sample(x_start, t, anchor, noise=eps)
-        eps_hat = diffusion.unet(x_t, t, img_lr, feats)
+        output = diffusion.unet(x_t, t, img_lr, feats, anchor)
+        eps_hat, x0_hat = diffusion.from_output(output, x_t, t)
         eps_star = diffusion.drda_noise(eps, t, anchor)
         if isinstance(objective.loss, DFPL):
             return objective.loss(diffusion, x_start, t, anchor, img_lr, eps_hat, eps_star)
-        return objective.loss(eps_hat, eps_star)
+        if isinstance(objective.loss, AnchorLoss):  # loss_type image: on the image x0_hat stands for
+            return objective.loss(diffusion.decode(x0_hat, img_lr, anchor), img_hr)
+        return objective.loss(output, diffusion.prediction_target(x_start, eps_star, t))
 
     # ----------------------------------------------------------------- enhancing
     def sampler(self, name: str, steps: int, eta: float = 0.0) -> Sampler:

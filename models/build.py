@@ -17,12 +17,14 @@ def build_networks(config: Config) -> tuple[AnchorEncoder, GaussianDiffusion]:
     m, d = config.model, config.diffusion
     shared = dict(dim_mults=m.dim_mults, use_instance_norm=m.use_instance_norm, weight_init=m.weight_init)
     unet = NoiseUNet(dim=m.unet_dim, in_dim=m.in_dim, out_dim=m.unet_outdim, stronger_cond=m.stronger_cond,
-                     use_wn=m.use_wn, **shared)
+                     sees_anchor=m.unet_sees_anchor, use_wn=m.use_wn, **shared)
     encoder = AnchorEncoder(dim=m.cond_dim or m.unet_dim, in_dim=m.cond_in_dim, out_dim=m.unet_outdim,
                             on_res=m.cond_on_res, zero_residual=m.cond_zero_residual, use_wn=m.cond_use_wn,
                             **shared)
     diffusion = GaussianDiffusion(unet, timesteps=d.timesteps, beta_schedule_name=d.beta_schedule,
-                                  drda=d.use_center, drds=d.use_center_sampler, clip_denoised=d.clip_denoised)
+                                  drda=d.use_center, drds=d.use_center_sampler, clip_denoised=d.clip_denoised,
+                                  prediction=d.prediction, domain=d.domain, scale=d.scale,
+                                  sampling_start=d.sampling_start)
     return encoder, diffusion
 
 
@@ -47,7 +49,7 @@ def build_objective(config: Config) -> Objective:
     """The training loss of ``config.stage`` (its LPIPS networks are built here: LPIPSWeightsMissing when their
     weights are not on this machine)."""
     optim = config.optim
-    if stage_spec(config).losses is not None:
+    if stage_spec(config).losses is not None or optim.loss_type == "image":
         names, weights = zip(*stage_losses(config), strict=True)
         loss: AnchorLoss | DFPL | NoiseLoss = AnchorLoss(names, weights)
     elif optim.loss_type == "dfpl":

@@ -1,4 +1,5 @@
-"""Anchored Gaussian diffusion in the residual domain: the DRDA forward process and the DRDS posterior."""
+"""Anchored Gaussian diffusion: the DRDA forward process and the DRDS posterior, and what is diffused (the paper's
+residual, or the image) and what the UNet predicts (eps*, as the paper, x0 or v)."""
 
 from __future__ import annotations
 
@@ -17,22 +18,31 @@ def to_signed(img: torch.Tensor) -> torch.Tensor:
 class GaussianDiffusion(nn.Module):
     """Owns the noise predictor (``unet``) and the schedule buffers; implements the process maths.
 
-    Tensors are (B, 3, H, W): ``x_start``/``x_t`` residuals in [-1, 1] (see :meth:`img2res`), ``anchor`` the
-    anchor image c in about [0, 1], ``t`` (B,) long timesteps in [0, T).
+    Tensors are (B, 3, H, W): ``x_start``/``x_t`` what is diffused, in about [-1, 1] (see :meth:`encode`),
+    ``anchor`` the anchor image c in about [0, 1], ``t`` (B,) long timesteps in [0, T).
 
     ``drda``: the forward process carries the anchor (Eq. 12; the reference's ``use_center``); ``drds``: the
     posterior does (Eqs. 17-19; ``use_center_sampler``). The buffers keep the official checkpoint's names: k1 is
     ``extra_term_coef1``, k2 ``extra_term_coef2``.
+
+    Options, each the paper's by default (see utils/config.py:DiffusionConfig): ``prediction`` (eps, x0, v),
+    ``domain`` (residual, image), ``scale`` (what is diffused is c' + (x0 - c') / scale) and ``sampling_start``
+    (anchor, marginal). DRDA's q_sample and DRDS's posterior are the same for all of them.
     """
 
     def __init__(self, unet: NoiseUNet, *, timesteps: int = 100, beta_schedule_name: str = "cosine",
-                 drda: bool = True, drds: bool = True, clip_denoised: bool = True):
+                 drda: bool = True, drds: bool = True, clip_denoised: bool = True, prediction: str = "eps",
+                 domain: str = "residual", scale: float = 1.0, sampling_start: str = "anchor"):
         super().__init__()
         self.unet = unet
         self.num_timesteps = timesteps
         self.drda = drda
         self.drds = drds
         self.clip_denoised = clip_denoised
+        self.prediction = prediction
+        self.domain = domain
+        self.scale = scale
+        self.start = sampling_start
         for name, value in schedule_buffers(beta_schedule(beta_schedule_name, timesteps)).items():
             self.register_buffer(name, value.to(torch.float32))
 
@@ -59,6 +69,38 @@ class GaussianDiffusion(nn.Module):
     def res2img(res: torch.Tensor, img_lr: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`img2res` (residual clamped to [-1, 1], image to [0, 1])."""
         return (img_lr + (res.clamp(-1, 1) + 1) / 2).clamp(0, 1)
+
+    def _signed_anchor(self, anchor: torch.Tensor | None) -> torch.Tensor | float:
+        """c', the centre of the scaling; 0 without DRDA, where training has no anchor."""
+        return to_signed(anchor) if self.drda and anchor is not None else 0.0
+
+    def encode(self, img_hr: torch.Tensor, img_lr: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """What is diffused, x0, for the target hr: the residual :meth:`img2res` (the paper) or the image 2 hr - 1,
+        then c' + (x0 - c') / scale."""
+        x0 = self.img2res(img_hr, img_lr) if self.domain == "residual" else to_signed(img_hr)
+        if self.scale == 1:
+            return x0
+        signed = self._signed_anchor(anchor)
+        return signed + (x0 - signed) / self.scale
+
+    def unscaled(self, x0: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """x0 in its domain's units, from what is diffused (the inverse of the scaling in :meth:`encode`)."""
+        if self.scale == 1:
+            return x0
+        signed = self._signed_anchor(anchor)
+        return signed + self.scale * (x0 - signed)
+
+    def decode(self, x0: torch.Tensor, img_lr: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """The image in [0, 1] that x0 (what is diffused) stands for: the inverse of :meth:`encode`, clamped."""
+        x0 = self.unscaled(x0, anchor)
+        return self.res2img(x0, img_lr) if self.domain == "residual" else ((x0.clamp(-1, 1) + 1) / 2)
+
+    def clip_start(self, x0: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """x0_hat clamped to [-1, 1] in its domain's units (before the scaling)."""
+        if self.scale == 1:
+            return x0.clamp(-1, 1)
+        signed = self._signed_anchor(anchor)
+        return signed + (self.unscaled(x0, anchor).clamp(-1, 1) - signed) / self.scale
 
     def drda_noise(self, noise: torch.Tensor, t: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
         """eps* = eps + k1_t c' (Eq. 13), the noise the UNet learns to predict. ``noise`` is not modified.
@@ -96,12 +138,35 @@ class GaussianDiffusion(nn.Module):
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
-    def predict_start(self, x_t: torch.Tensor, t: torch.Tensor, img_lr: torch.Tensor,
-                      feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the UNet: (eps*_hat, x0_hat), x0_hat clipped to [-1, 1] when ``clip_denoised``."""
-        eps_hat = self.unet(x_t, t, img_lr, feats)
-        x0_hat = self.predict_start_from_noise(x_t, t, eps_hat)
-        return eps_hat, x0_hat.clamp(-1, 1) if self.clip_denoised else x0_hat
+    def from_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps*_hat, x0_hat), unclipped, from the UNet's ``output`` at x_t: eps* itself (the paper), x0, or
+        v = sqrt(abar_t) eps* - sqrt(1 - abar_t) x0, so x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v and
+        eps* = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
+        if self.prediction == "eps":
+            return output, self.predict_start_from_noise(x_t, t, output)
+        if self.prediction == "x0":
+            eps = ((extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - output)
+                   / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+            return eps, output
+        sqrt_abar = extract(self.sqrt_alphas_cumprod, t, x_t.shape)
+        sqrt_one_minus = extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+        return sqrt_one_minus * x_t + sqrt_abar * output, sqrt_abar * x_t - sqrt_one_minus * output
+
+    def prediction_target(self, x_start: torch.Tensor, eps_star: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet should output for x_t = q_sample(x_start, t, c, eps): eps*, x0 or v."""
+        if self.prediction == "eps":
+            return eps_star
+        if self.prediction == "x0":
+            return x_start
+        return (extract(self.sqrt_alphas_cumprod, t, x_start.shape) * eps_star
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * x_start)
+
+    def predict_start(self, x_t: torch.Tensor, t: torch.Tensor, img_lr: torch.Tensor, feats: list[torch.Tensor],
+                      anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the UNet: (eps*_hat, x0_hat), x0_hat clipped (:meth:`clip_start`) when ``clip_denoised``."""
+        eps_hat, x0_hat = self.from_output(self.unet(x_t, t, img_lr, feats, anchor), x_t, t)
+        return eps_hat, self.clip_start(x0_hat, anchor) if self.clip_denoised else x0_hat
 
     def anchor_shift(self, anchor: torch.Tensor) -> torch.Tensor:
         """The offset s between x and the coordinates z = x - s in which the reverse process is a plain DDPM
@@ -113,11 +178,20 @@ class GaussianDiffusion(nn.Module):
         independently, and sampling follows the posterior (DRDS), as the reference's does."""
         return to_signed(anchor) if self.drds else torch.zeros_like(anchor)
 
+    @property
+    def start_draws_noise(self) -> bool:
+        """Whether :meth:`sampling_start` needs noise: from the marginal, or without DRDS."""
+        return self.start == "marginal" or not self.drds
+
     def sampling_start(self, anchor: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """x_T, where the reverse process starts, as the reference: the anchor c' with DRDS (no noise added),
-        otherwise ``noise``, standard-normal and shaped like ``anchor`` (required then)."""
-        if self.drds:
+        """x_T, where the reverse process starts. As the reference: the anchor c' with DRDS (no noise added),
+        otherwise ``noise``. ``marginal``: s + sqrt(1 - abar_T) ``noise`` (s = :meth:`anchor_shift`), the forward
+        marginal at T with x0 taken to be the anchor. ``noise``: standard-normal, shaped like ``anchor``, required
+        when :attr:`start_draws_noise`."""
+        if not self.start_draws_noise:
             return to_signed(anchor)
         if noise is None:
-            raise ValueError("without DRDS (use_center_sampler: false) sampling starts from N(0, I) noise: pass it")
+            raise ValueError("this sampling start draws N(0, I) noise: pass it")
+        if self.start == "marginal":
+            return self.anchor_shift(anchor) + self.sqrt_one_minus_alphas_cumprod[-1] * noise
         return noise

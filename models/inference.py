@@ -66,13 +66,14 @@ def sample(
     noise_fn: NoiseFn | None = None,
     inference_mode: bool = True,
 ) -> torch.Tensor:
-    """Reverse process from x_T over the sampler's timesteps. Returns res2img(x0_hat) of the last step,
-    (B, 3, H, W) in [0, 1]; a sampler without timesteps (``anchor``) returns the anchor clamped to [0, 1].
+    """Reverse process from x_T over the sampler's timesteps. Returns the image of the last step's x0_hat
+    (:meth:`GaussianDiffusion.decode`), (B, 3, H, W) in [0, 1]; a sampler without timesteps (``anchor``) returns
+    the anchor clamped to [0, 1].
 
-    x_T is the anchor c' with DRDS, otherwise standard-normal noise, as the reference (see
-    :meth:`GaussianDiffusion.sampling_start`). ``callback(i, n)`` is called after each of the n steps (progress
-    bars; once for the anchor). The noise of x_T and of stochastic steps comes from ``noise_fn`` when given, else
-    from ``generator``. ``precision`` autocasts the UNet only.
+    x_T is :meth:`GaussianDiffusion.sampling_start`: the anchor c' with DRDS as the reference, or noisy.
+    ``callback(i, n)`` is called after each of the n steps (progress bars; once for the anchor). The noise of
+    x_T and of stochastic steps comes from ``noise_fn`` when given, else from ``generator``. ``precision``
+    autocasts the UNet only.
     """
     if not sampler.timesteps:
         if callback is not None:
@@ -80,7 +81,7 @@ def sample(
         return anchor.clamp(0, 1)
     with _grad_free(inference_mode):
         start_noise = None
-        if not diffusion.drds:
+        if diffusion.start_draws_noise:
             start_noise = noise_fn(anchor) if noise_fn is not None else noise_like(anchor, generator)
         x = diffusion.sampling_start(anchor, start_noise)
         x0_hat = x
@@ -88,13 +89,13 @@ def sample(
         for i, t in enumerate(sampler.timesteps):
             t_batch = torch.full((batch,), t, device=img_lr.device, dtype=torch.long)
             with precision_context(precision, img_lr.device):
-                _, x0_hat = diffusion.predict_start(x, t_batch, img_lr, list(feats))
+                _, x0_hat = diffusion.predict_start(x, t_batch, img_lr, list(feats), anchor)
             x0_hat = x0_hat.float()
             noise = noise_fn(x) if noise_fn is not None and sampler.draws_noise(t) else None
             x = sampler.step(x0_hat, t, x, anchor, generator=generator, noise=noise).prev_sample
             if callback is not None:
                 callback(i + 1, len(sampler.timesteps))
-        return diffusion.res2img(x0_hat, img_lr)
+        return diffusion.decode(x0_hat, img_lr, anchor)
 
 
 # --------------------------------------------------------------------------------------------- enhancing

@@ -95,8 +95,9 @@ class AnchorLoss:
 
 
 class NoiseLoss:
-    """Noise-space loss between the predicted and the true DRDA-shifted noise eps*: ``l2`` is the mean squared
-    error, ``l1`` the smooth L1 (Huber with beta 1) that the reference means by it."""
+    """Loss between the UNet's output and its target: the DRDA-shifted noise eps* (the paper), x0 or v
+    (``diffusion.prediction``). ``l2`` is the mean squared error, ``l1`` the smooth L1 (Huber with beta 1) that the
+    reference means by it."""
 
     def __init__(self, name: str):
         if name not in typing.get_args(NoiseLossName):
@@ -122,5 +123,5 @@ class DFPL:
                  eps_star: torch.Tensor) -> LossTerms:
         x_t_pred = diffusion.q_sample(x_start, t, anchor, noise=eps_hat)
         x_t_true = diffusion.q_sample(x_start, t, anchor, noise=eps_star)
-        return LossTerms.single("dfpl", self.image_loss(diffusion.res2img(x_t_pred, img_lr),
-                                                        diffusion.res2img(x_t_true, img_lr)))
+        return LossTerms.single("dfpl", self.image_loss(diffusion.decode(x_t_pred, img_lr, anchor),
+                                                        diffusion.decode(x_t_true, img_lr, anchor)))

@@ -92,8 +92,7 @@ class AnlightenDiff(pl.LightningModule):
         arguments go to :func:`models.inference.enhance` (precision, tiling, progress)."""
         sampler = sampler or self.config.sampler
         self.require_sampler(sampler.sampler)
-        # without DRDS, x_T itself is noise (see GaussianDiffusion.sampling_start)
-        stochastic = sampler.sampler == "ddpm" or sampler.eta > 0 or not self.model.drds
+        stochastic = sampler.sampler == "ddpm" or sampler.eta > 0 or self.model.start_draws_noise
         generator = None
         if stochastic and sampler.seed is not None:
             generator = torch.Generator(device=img_lr.device).manual_seed(sampler.seed)

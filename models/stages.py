@@ -90,10 +90,11 @@ def require_sampler(config: Config, name: str) -> None:
 
 
 def stage_losses(config: Config) -> list[tuple[str, float]]:
-    """(loss name, weight) of the stage's training loss: the anchor stages' image losses, DFPL's image loss
-    (``optim.dfpl_image_loss``, weight 1) or the noise loss (``optim.loss_type``, weight 1)."""
-    field = stage_spec(config).losses
+    """(loss name, weight) of the stage's training loss: the anchor stages' image losses, the diffusion's image
+    losses (``optim.loss_type: image``), DFPL's image loss (``optim.dfpl_image_loss``, weight 1) or the loss on
+    the UNet's output (``optim.loss_type``, weight 1)."""
     optim = config.optim
+    field = stage_spec(config).losses or ("image_loss" if optim.loss_type == "image" else None)
     if field is not None:
         return list(zip(getattr(optim, field), getattr(optim, f"{field}_weights"), strict=True))
     return [(optim.dfpl_image_loss if optim.loss_type == "dfpl" else optim.loss_type, 1.0)]

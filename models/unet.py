@@ -98,18 +98,21 @@ class UNetBackbone(nn.Module):
 
 
 class NoiseUNet(UNetBackbone):
-    """The denoiser: predicts the DRDA-shifted noise eps* from x_t, t, the low-light image and the
-    anchor encoder's features (concatenated at every down level)."""
+    """The denoiser: predicts the DRDA-shifted noise eps* (or x0, or v: ``diffusion.prediction``) from x_t, t, the
+    low-light image, the anchor encoder's features (concatenated at every down level) and, with
+    ``sees_anchor``, the anchor itself."""
 
     def __init__(self, *, dim: int, dim_mults: Sequence[int], in_dim: int = 6, out_dim: int = 3,
-                 stronger_cond: bool = True, **kwargs):
-        super().__init__(in_dim=in_dim, out_dim=out_dim, dim=dim, dim_mults=dim_mults,
-                         concat_features=stronger_cond, **kwargs)
+                 stronger_cond: bool = True, sees_anchor: bool = False, **kwargs):
+        super().__init__(in_dim=in_dim + (out_dim if sees_anchor else 0), out_dim=out_dim, dim=dim,
+                         dim_mults=dim_mults, concat_features=stronger_cond, **kwargs)
+        self.sees_anchor = sees_anchor
 
-    def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, img_lr: torch.Tensor, feats: Sequence[torch.Tensor]
-    ) -> torch.Tensor:
-        """x_t: (B, 3, H, W) residual in about [-1, 1]; t: (B,) long; img_lr: (B, 3, H, W) in [0, 1];
-        feats: encoder maps (the first ``len(dim_mults)`` are used). Returns eps* (B, 3, H, W)."""
-        out, _ = self.run(torch.cat((x_t, img_lr), dim=1), t, feats)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, img_lr: torch.Tensor, feats: Sequence[torch.Tensor],
+                anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t: (B, 3, H, W) in about [-1, 1]; t: (B,) long; img_lr: (B, 3, H, W) in [0, 1]; feats: encoder maps
+        (the first ``len(dim_mults)`` are used); anchor: (B, 3, H, W) in about [0, 1], read with ``sees_anchor``.
+        Returns (B, 3, H, W)."""
+        inputs = (x_t, img_lr, anchor) if self.sees_anchor else (x_t, img_lr)
+        out, _ = self.run(torch.cat(inputs, dim=1), t, feats)
         return out

@@ -35,9 +35,9 @@ class X0Predictor(nn.Module):
         self.unet = unet
         self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod.clone())
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, img_lr: torch.Tensor, feats: list[torch.Tensor]
-                ) -> torch.Tensor:
-        x0 = torch.tanh(self.unet(x_t, t, img_lr, feats))
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, img_lr: torch.Tensor, feats: list[torch.Tensor],
+                anchor: torch.Tensor | None = None) -> torch.Tensor:
+        x0 = torch.tanh(self.unet(x_t, t, img_lr, feats, anchor))
         abar = self.alphas_cumprod[t].reshape(-1, 1, 1, 1)
         return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
 

@@ -19,8 +19,15 @@ Stage = Literal["anchor", "he", "diffusion"]
 """``stage``: what a training run trains (models/stages.py)."""
 NoiseLossName = Literal["l1", "l2"]
 """Noise-space losses (models/losses.py:NoiseLoss): ``l1`` is the smooth L1 (Huber, beta 1) of the reference."""
-LossType = Literal["dfpl", NoiseLossName]
-"""``optim.loss_type``: DFPL or a noise-space loss."""
+LossType = Literal["dfpl", NoiseLossName, "image"]
+"""``optim.loss_type``: DFPL, a loss between the UNet's output and its target (``l1``, ``l2``: in noise space for
+``diffusion.prediction: eps``), or image losses on the image rebuilt from x0_hat (``image``: ``optim.image_loss``)."""
+Prediction = Literal["eps", "x0", "v"]
+"""``diffusion.prediction``: what the UNet outputs (models/diffusion.py)."""
+DiffusionDomain = Literal["residual", "image"]
+"""``diffusion.domain``: what x0 is, the residual 2 (hr - lr) - 1 (the paper) or the image 2 hr - 1."""
+SamplingStart = Literal["anchor", "marginal"]
+"""``diffusion.sampling_start``: x_T is the anchor c' (the reference) or a draw of DRDA's forward marginal at T."""
 ImageLossName = Literal["lpips_vgg", "lpips_alex", "l1", "l2"]
 """``optim.dfpl_image_loss`` (models/losses.py:build_image_loss)."""
 AnchorLossName = Literal["msssim", ImageLossName]

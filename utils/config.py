@@ -33,13 +33,16 @@ from utils.choices import (  # noqa: F401 - the choices are part of the config's
     BetaSchedule,
     DatasetName,
     DetailName,
+    DiffusionDomain,
     ImageLossName,
     LossType,
     MonitorMode,
     NoiseLossName,
     OptimizerName,
     Precision,
+    Prediction,
     SamplerName,
+    SamplingStart,
     SchedulerName,
     Stage,
     SynthKind,
@@ -76,6 +79,9 @@ class ModelConfig:
     he_on_res: bool = True
     """H's output: clamp(final conv + HE(lr), 0, 1) (the reference, which reads its diffusion ``on_res``), or
     sigmoid(final conv)."""
+    unet_sees_anchor: bool = False
+    """The UNet takes the anchor c as a third input beside x_t and the low-light image (``in_dim`` + 3 channels);
+    the reference gives it x_t and the image only. Needs ``diffusion.use_center`` (no anchor without DRDA)."""
 
 
 @dataclass
@@ -88,6 +94,20 @@ class DiffusionConfig:
     use_center_sampler: bool = True
     clip_denoised: bool = True
     pad_multiple: int = 32
+    prediction: Prediction = "eps"
+    """What the UNet outputs: eps* (the paper), x0, or v = sqrt(abar_t) eps* - sqrt(1 - abar_t) x0 (Salimans & Ho);
+    x0 and v stay well-conditioned where abar_t -> 0, which a sampler of few steps starts at."""
+    domain: DiffusionDomain = "residual"
+    """What x0 is: the residual 2 (hr - lr) - 1 (the paper, which cannot go darker than the input) or the image
+    2 hr - 1 itself."""
+    scale: float = 1.0
+    """What is diffused is c' + (x0 - c') / scale, the distance from the anchor magnified by 1 / scale: a good
+    anchor leaves little to add (x0 - c' has a standard deviation of about 0.1), which the schedule's noise would
+    otherwise drown at every t. 1 is the paper."""
+    sampling_start: SamplingStart = "anchor"
+    """Where the reverse process starts: x_T = c' (the reference; without DRDS, N(0, I)), or ``marginal``:
+    s + sqrt(1 - abar_T) z, DRDA's forward marginal at T with x0 taken to be the anchor (s = c' with DRDS, else
+    0), which is what training saw at t = T."""
 
 
 
@@ -116,6 +136,10 @@ class OptimConfig:
 
     loss_type: LossType = "dfpl"
     dfpl_image_loss: ImageLossName = "lpips_vgg"
+    image_loss: tuple[AnchorLossName, ...] = ("l1",)
+    """``loss_type: image``: image losses summed between the image rebuilt from the UNet's x0_hat and hr (the
+    names of ``anchor_loss``)."""
+    image_loss_weights: tuple[float, ...] = (1.0,)
     optimizer: OptimizerName = "lion"
     lr: float = 4e-4
     weight_decay: float = 0.0
@@ -324,9 +348,13 @@ def _check_consistency(config: Config) -> None:
     if config.model.cond_zero_residual and not config.model.cond_on_res:
         raise ConfigError("model.cond_zero_residual needs model.cond_on_res (it zeroes the residual on the "
                           "equalised image)")
+    if not (math.isfinite(config.diffusion.scale) and config.diffusion.scale > 0):
+        raise ConfigError(f"diffusion.scale must be a number > 0, got {config.diffusion.scale}")
+    if config.model.unet_sees_anchor and not config.diffusion.use_center:
+        raise ConfigError("model.unet_sees_anchor needs diffusion.use_center: without DRDA there is no anchor")
     if not 0.0 <= config.optim.ref_prob <= 1.0:
         raise ConfigError("optim.ref_prob must be in [0, 1]")
-    for key in ("anchor_loss", "he_loss"):
+    for key in ("anchor_loss", "he_loss", "image_loss"):
         if len(getattr(config.optim, key)) != len(getattr(config.optim, f"{key}_weights")):
             raise ConfigError(f"optim.{key}_weights needs one weight per optim.{key} entry")
     _check_he_network(config)
