@@ -118,7 +118,7 @@ def test_channels_last_matches_contiguous(smooth_networks, dark_image):
 
 
 def test_loading_and_preparing_leave_the_allocator_alone(libc_calls):
-    """Issue 12: the library never changes the process's allocator; the command-line scripts opt in."""
+    """The library never changes the process's allocator; the command-line scripts opt in."""
     load_for_inference(None, torch.device("cpu"))
     prepare_for_inference(load_checkpoint(ROOT / "checkpoints" / "default.ckpt"))
     assert libc_calls == []

@@ -244,7 +244,7 @@ def test_test_unpaired_tiles_large_images_by_itself(tmp_path, tiny_ckpt, monkeyp
 
 
 def test_test_unpaired_opts_in_to_keeping_freed_memory(tmp_path, tiny_ckpt, libc_calls):
-    """Issue 12: the command-line scripts, not the library, set glibc's allocator to keep freed memory (CPU)."""
+    """The command-line scripts, not the library, set glibc's allocator to keep freed memory (CPU)."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     Image.fromarray(np.full((8, 8, 3), 20, np.uint8)).save(inputs / "a.png")

@@ -150,7 +150,7 @@ def test_untiled_enhance_and_encode_give_the_modules_anchor():
 
 
 def test_no_copy_of_the_anchor_formula_outside_models_anchor():
-    """Issue 12: one function computes the anchor; the module and the tiling path call it."""
+    """One function computes the anchor; the module and the tiling path call it."""
     for source in (inspect.getsource(module) for module in (models.inference, models.tiling, models.module,
                                                             models.anchored_diffusion)):
         assert "sigmoid" not in source and "3:6" not in source and "(1 - zeta)" not in source
@@ -298,7 +298,7 @@ def test_the_last_stages_checkpoint_is_the_inference_checkpoint(tmp_path):
 
 def test_bench_speed_runs_a_ts_checkpoint_with_its_he_network(tmp_path, monkeypatch):
     """bench/speed.py --ckpt on a TS checkpoint times and scores the anchor with H in it, as test.py enhances
-    (it used to drop H and report the anchor and the samplers of another model)."""
+    (without H it would report the anchor and the samplers of another model)."""
     from utils.metrics import mean_scores, score_pairs, to_uint8
 
     bench = load_bench("speed", monkeypatch)

@@ -4,8 +4,8 @@
 ``last.ckpt`` saved; the process must then exit, its workers with it, although the workers ignore SIGINT and SIGTERM
 (data.datamodule.leave_signals_to_main_process). With a validation loop, Lightning validates once training is told
 to stop, so the stop is raised from ``on_validation_start``; Lightning then tears down the validation loop only, and
-the training loader's persistent worker used to outlive ``main()``: multiprocessing's exit handler SIGTERMed it
-(ignored) and joined it forever (data.datamodule.LowLightDataModule.on_exception now shuts it down).
+the training loader's persistent worker would outlive ``main()``: multiprocessing's exit handler SIGTERMs it
+(ignored) and joins it forever, unless data.datamodule.LowLightDataModule.on_exception shuts it down.
 """
 
 from __future__ import annotations
