@@ -32,13 +32,15 @@ class Objective:
     ``loss``: the anchor stages' image losses (:class:`AnchorLoss`), or the diffusion's (DFPL or a noise loss).
     ``anchor_target``: what stage ``anchor`` fits, hr or its chromaticity C(hr). ``ref_prob``: the diffusion
     stage's chance of teacher forcing (the ground truth as anchor). ``train_anchor``: the diffusion stage lets
-    gradients reach the anchor networks (``optim.train_encoder``)."""
+    gradients reach the anchor networks (``optim.train_encoder``). ``timesteps``: the diffusion stage draws t
+    from these (``optim.train_timesteps: sampler``), else from all."""
 
     stage: Stage
     loss: AnchorLoss | DFPL | NoiseLoss
     anchor_target: AnchorTarget = "hr"
     ref_prob: float = 0.0
     train_anchor: bool = False
+    timesteps: tuple[int, ...] | None = None
 
     def target(self, img_hr: torch.Tensor) -> torch.Tensor:
         """What the stage's output is compared with (:func:`models.stages.stage_target`)."""
@@ -100,7 +102,11 @@ class AnchoredDiffusion(nn.Module):
             if objective.ref_prob > 0 and torch.rand((), device=img_lr.device) < objective.ref_prob:
                 anchor = img_hr  # teacher forcing; no random draw without it (the TS reference)
         x_start = diffusion.encode(img_hr, img_lr, anchor)
-        t = torch.randint(0, diffusion.num_timesteps, (img_lr.shape[0],), device=img_lr.device)
+        if objective.timesteps:
+            pick = torch.randint(0, len(objective.timesteps), (img_lr.shape[0],), device=img_lr.device)
+            t = torch.tensor(objective.timesteps, device=img_lr.device)[pick]
+        else:
+            t = torch.randint(0, diffusion.num_timesteps, (img_lr.shape[0],), device=img_lr.device)
         eps = torch.randn_like(x_start)
         x_t = diffusion.q_sample(x_start, t, anchor, noise=eps)
         output = diffusion.unet(x_t, t, img_lr, feats, anchor)

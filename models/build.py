@@ -7,6 +7,7 @@ from models.anchor import AnchorEncoder, HENetwork
 from models.anchored_diffusion import AnchoredDiffusion, Objective
 from models.diffusion import GaussianDiffusion
 from models.losses import DFPL, AnchorLoss, NoiseLoss, build_image_loss
+from models.samplers import sampler_timesteps
 from models.stages import stage_losses, stage_spec
 from models.unet import NoiseUNet
 from utils.config import Config
@@ -56,5 +57,9 @@ def build_objective(config: Config) -> Objective:
         loss = DFPL(build_image_loss(optim.dfpl_image_loss))
     else:
         loss = NoiseLoss(optim.loss_type)
+    timesteps = None
+    if optim.train_timesteps == "sampler":
+        val = config.val_sampler
+        timesteps = tuple(sampler_timesteps(val.sampler, config.diffusion.timesteps, val.steps))
     return Objective(config.stage, loss, anchor_target=optim.anchor_target, ref_prob=optim.ref_prob,
-                     train_anchor=optim.train_encoder)
+                     train_anchor=optim.train_encoder, timesteps=timesteps)

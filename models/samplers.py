@@ -39,6 +39,18 @@ def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
+def sampler_timesteps(name: str, total: int, steps: int) -> list[int]:
+    """The timesteps a sampler ``name`` runs the UNet at, from T - 1 down, for a diffusion of ``total`` timesteps:
+    none for ``anchor``, all for ``ddpm``, ``steps`` evenly spaced ones (rounded half to even) for ``ddim``."""
+    if name == "anchor":
+        return []
+    if name == "ddpm" or steps == total:
+        return list(range(total - 1, -1, -1))
+    if steps == 1:
+        return [total - 1]
+    return torch.linspace(total - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+
+
 @dataclass
 class SamplerStep:
     """What one reverse step returns, as diffusers' scheduler outputs: x at the next timestep and the x0_hat it
@@ -111,7 +123,7 @@ class DDPMSampler(_Timesteps):
         if steps != self.diffusion.num_timesteps:
             raise ValueError(f"DDPMSampler runs all {self.diffusion.num_timesteps} timesteps, got steps={steps}; "
                              "the ddim sampler runs fewer")
-        self._set(list(range(steps - 1, -1, -1)))
+        self._set(sampler_timesteps("ddpm", steps, steps))
 
     def draws_noise(self, t: int) -> bool:
         """Every step but the last."""
@@ -146,11 +158,7 @@ class DDIMSampler(_Timesteps):
 
     def set_timesteps(self, steps: int) -> None:
         self._check_steps(steps)
-        total = self.diffusion.num_timesteps
-        if steps == 1:
-            self._set([total - 1])
-        else:
-            self._set(torch.linspace(total - 1, 0, steps, dtype=torch.float64).round().long().tolist())
+        self._set(sampler_timesteps("ddim", self.diffusion.num_timesteps, steps))
 
     def draws_noise(self, t: int) -> bool:
         """eta > 0, every step but the last."""

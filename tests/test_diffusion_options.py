@@ -121,7 +121,8 @@ def _tiny(**diffusion):
     config = config_from_dict({"model": {"unet_dim": 8, "dim_mults": [1, 2], "unet_sees_anchor": True,
                                          "stronger_cond": False, "cond_on_res": False},
                                "diffusion": {"timesteps": T, "pad_multiple": 8, **diffusion},
-                               "sampler": {"sampler": "ddpm", "steps": T}, "val_sampler": {"sampler": "ddpm", "steps": T}})
+                               "sampler": {"sampler": "ddpm", "steps": T},
+                               "val_sampler": {"sampler": "ddpm", "steps": T}})
     torch.manual_seed(0)
     return build_networks(config)
 
@@ -186,3 +187,29 @@ def test_a_training_step_with_the_options_logs_each_term(monkeypatch):
     assert all(p.grad is None for p in module.encoder.parameters())  # the anchor stays frozen
     out = module.enhance(lr[:1], config.sampler).image
     assert out.shape == lr[:1].shape and 0 <= out.min() and out.max() <= 1
+
+
+def test_training_can_draw_t_from_the_validation_samplers_timesteps(monkeypatch):
+    from models.anchored_diffusion import AnchoredDiffusion
+    from models.build import build_objective
+
+    base = {"model": {"unet_dim": 8, "dim_mults": [1, 2]}, "diffusion": {"timesteps": T, "pad_multiple": 8},
+            "sampler": {"sampler": "ddim", "steps": 3}, "val_sampler": {"sampler": "ddim", "steps": 3},
+            "optim": {"loss_type": "l2"}}
+    assert build_objective(config_from_dict(base)).timesteps is None
+    config = config_from_dict({**base, "optim": {"loss_type": "l2", "train_timesteps": "sampler"}})
+    objective = build_objective(config)
+    assert objective.timesteps == (9, 4, 0) == tuple(make_sampler(GaussianDiffusion(nn.Identity(), timesteps=T),
+                                                                  "ddim", 3).timesteps)
+    drawn = []
+    original = GaussianDiffusion.q_sample
+    monkeypatch.setattr(GaussianDiffusion, "q_sample",
+                        lambda self, x0, t, *a, **k: drawn.extend(t.tolist()) or original(self, x0, t, *a, **k))
+    encoder, diffusion = build_networks(config)
+    method = AnchoredDiffusion(encoder, diffusion, pad_multiple=8)
+    lr, hr, _ = _pair(8)
+    for _ in range(10):
+        method.loss(lr, hr, objective)
+    assert set(drawn) == {9, 4, 0}
+    with pytest.raises(ConfigError, match="train_timesteps"):
+        config_from_dict({**base, "val_sampler": {"sampler": "anchor"}, "optim": {"train_timesteps": "sampler"}})

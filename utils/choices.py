@@ -26,6 +26,9 @@ Prediction = Literal["eps", "x0", "v"]
 """``diffusion.prediction``: what the UNet outputs (models/diffusion.py)."""
 DiffusionDomain = Literal["residual", "image"]
 """``diffusion.domain``: what x0 is, the residual 2 (hr - lr) - 1 (the paper) or the image 2 hr - 1."""
+TrainTimesteps = Literal["all", "sampler"]
+"""``optim.train_timesteps``: the timesteps training draws t from, all of them (the paper) or those the validation
+sampler visits."""
 SamplingStart = Literal["anchor", "marginal"]
 """``diffusion.sampling_start``: x_T is the anchor c' (the reference) or a draw of DRDA's forward marginal at T."""
 ImageLossName = Literal["lpips_vgg", "lpips_alex", "l1", "l2"]

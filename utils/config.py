@@ -47,6 +47,7 @@ from utils.choices import (  # noqa: F401 - the choices are part of the config's
     Stage,
     SynthKind,
     TestGeometry,
+    TrainTimesteps,
 )
 
 
@@ -140,6 +141,10 @@ class OptimConfig:
     """``loss_type: image``: image losses summed between the image rebuilt from the UNet's x0_hat and hr (the
     names of ``anchor_loss``)."""
     image_loss_weights: tuple[float, ...] = (1.0,)
+    train_timesteps: TrainTimesteps = "all"
+    """Stage ``diffusion``: t is drawn uniformly from all T timesteps (the paper), or from those ``val_sampler``
+    visits (``sampler``: DDIM-2 trains at t = T - 1 and 0 only), so that a few-step model learns the steps it
+    takes."""
     optimizer: OptimizerName = "lion"
     lr: float = 4e-4
     weight_decay: float = 0.0
@@ -352,6 +357,9 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"diffusion.scale must be a number > 0, got {config.diffusion.scale}")
     if config.model.unet_sees_anchor and not config.diffusion.use_center:
         raise ConfigError("model.unet_sees_anchor needs diffusion.use_center: without DRDA there is no anchor")
+    if config.optim.train_timesteps == "sampler" and config.val_sampler.sampler == "anchor":
+        raise ConfigError("optim.train_timesteps: sampler draws t from val_sampler's timesteps, and the anchor "
+                          "sampler has none: set val_sampler to ddim or ddpm")
     if not 0.0 <= config.optim.ref_prob <= 1.0:
         raise ConfigError("optim.ref_prob must be in [0, 1]")
     for key in ("anchor_loss", "he_loss", "image_loss"):
