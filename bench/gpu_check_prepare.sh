@@ -36,7 +36,10 @@ total=$((tree + carry))
 awk -v t="$tree" -v c="$carry" 'BEGIN {m = 1048576; printf "working tree %.1f MiB + .whl and .lpips %.1f MiB = \
 %.1f MiB of the 64 MiB a call carries\n", t / m, c / m, (t + c) / m}'
 if [ "$total" -gt "$LIMIT" ]; then
-    echo "error: over 64 MiB: the call would be refused; make the working tree smaller" >&2
+    largest=$(git ls-files -z | xargs -0 stat -c '%s %n' 2>/dev/null | sort -rn | head -3 \
+        | awk '{printf "%s%s (%.1f MiB)", (NR > 1 ? ", " : ""), $2, $1 / 1048576}')
+    echo "error: over 64 MiB: the call would be refused; make the working tree smaller (largest: $largest;" \
+         "an unfinished run's committed checkpoint can wait outside the repository during the call)" >&2
     exit 2
 fi
 ls .whl .lpips
