@@ -67,8 +67,10 @@ class AnchoredDiffusion(nn.Module):
         return anchor_from_features(self.encoder, condition_features(img_lr), self.he_network)
 
     def he_output(self, img_lr: torch.Tensor) -> torch.Tensor:
-        """H's zeta (B, 3, H, W) in [0, 1]: what stage ``he`` trains against hr."""
-        img_c, _ = self.encoder(img_lr)
+        """H's zeta (B, 3, H, W) in [0, 1] on E's img_c: what stage ``he`` trains against hr. E's img_c is computed
+        without a graph: H's stage keeps E frozen."""
+        with torch.no_grad():
+            img_c, _ = self.encoder(img_lr)
         return self.he_network(equalized(img_lr), img_c)
 
     # ----------------------------------------------------------------- training losses
@@ -84,9 +86,7 @@ class AnchoredDiffusion(nn.Module):
 
     def he_loss(self, img_lr: torch.Tensor, img_hr: torch.Tensor, objective: Objective) -> LossTerms:
         """Stage ``he``: H's zeta = H([HE(lr), img_c]) against hr, on the frozen E's img_c."""
-        with torch.no_grad():
-            img_c, _ = self.encoder(img_lr)
-        return objective.loss(self.he_network(equalized(img_lr), img_c), img_hr)
+        return objective.loss(self.he_output(img_lr), img_hr)
 
     def diffusion_loss(self, img_lr: torch.Tensor, img_hr: torch.Tensor, objective: Objective) -> LossTerms:
         """Stage ``diffusion``: x_t from DRDA's forward process at a random t and the UNet's output; DFPL (through
